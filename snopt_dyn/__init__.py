@@ -1,0 +1,6 @@
+"""snopt-dyn: a second-order optimizer (SNOpt) for neural differential equations."""
+from . import hooks
+from .adjoint import NFECounter, SolverError, nfe, odeint_adjoint
+
+__all__ = ["odeint_adjoint", "SolverError", "NFECounter", "nfe", "hooks"]
+__version__ = "0.1.0"

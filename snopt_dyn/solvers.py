@@ -1,0 +1,109 @@
+"""Solver backends behind one small interface.
+
+The engine adjoint only ever needs "solve this flat ODE and give me the state at these times", with
+an optional seminorm that measures the error on the first ``k`` entries of the state.  Each backend
+maps that request onto a library's solver; torchdyn is imported lazily.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+Field = Callable[[Tensor, Tensor], Tensor]
+
+
+class SolverBackend:
+    """A way to integrate ``dy/dt = f(t, y)`` for a 1-D (flattened) state ``y``."""
+
+    name: str = ""
+
+    def check_method(self, method: str) -> None:
+        """Raise ``ValueError`` naming the valid methods when ``method`` is unknown."""
+        raise NotImplementedError
+
+    def is_adaptive(self, method: str) -> bool:
+        raise NotImplementedError
+
+    def solve(self, f: Field, y0: Tensor, t: Tensor, *, method: str, rtol: float, atol: float,
+              options: Optional[dict], seminorm_dims: Optional[int] = None) -> Tensor:
+        """Return the solution at every time in ``t`` (time first).
+
+        ``seminorm_dims=k`` asks for error control on ``y[:k]`` only.
+        """
+        raise NotImplementedError
+
+
+class TorchdiffeqBackend(SolverBackend):
+    """``torchdiffeq.odeint`` (any of its methods); adaptive solvers interpolate at output times."""
+
+    name = "torchdiffeq"
+    _FIXED = {"euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "fixed_adams",
+              "heun2", "heun3"}
+
+    def _methods(self):
+        from torchdiffeq._impl.odeint import SOLVERS
+        return SOLVERS
+
+    def check_method(self, method: str) -> None:
+        methods = self._methods()
+        if method not in methods or method == "scipy_solver":
+            valid = sorted(m for m in methods if m != "scipy_solver")
+            raise ValueError(f"unknown method {method!r} for backend 'torchdiffeq'; choose one of {valid}")
+
+    def is_adaptive(self, method: str) -> bool:
+        return method not in self._FIXED
+
+    def solve(self, f, y0, t, *, method, rtol, atol, options, seminorm_dims=None):
+        import torchdiffeq
+        options = dict(options or {})
+        if seminorm_dims is not None and self.is_adaptive(method):
+            k = seminorm_dims
+            options["norm"] = lambda e: e[:k].pow(2).mean().sqrt()
+        return torchdiffeq.odeint(f, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+
+
+class TorchdynBackend(SolverBackend):
+    """``torchdyn.numerics.odeint``: adaptive solvers land on every output time; for fixed-step
+    solvers the output times *are* the step grid (torchdyn's semantics)."""
+
+    name = "torchdyn"
+
+    def _solvers(self):
+        from torchdyn.numerics.solvers.ode import SOLVER_DICT
+        return SOLVER_DICT
+
+    def check_method(self, method: str) -> None:
+        solvers = self._solvers()
+        if method not in solvers or method in ("alf", "AsynchronousLeapfrog", "ieuler", "implicit_euler"):
+            valid = sorted(m for m in solvers if m not in ("alf", "AsynchronousLeapfrog", "ieuler", "implicit_euler"))
+            raise ValueError(f"unknown or unsupported method {method!r} for backend 'torchdyn'; "
+                             f"choose one of {valid}")
+
+    def is_adaptive(self, method: str) -> bool:
+        return self._solvers()[method](torch.float32).stepping_class == "adaptive"
+
+    def solve(self, f, y0, t, *, method, rtol, atol, options, seminorm_dims=None):
+        from torchdyn.numerics import odeint
+        from torchdyn.numerics.solvers.ode import str_to_solver
+        if options:
+            raise ValueError(f"backend 'torchdyn' takes no solver options, got {sorted(options)}")
+        solver = str_to_solver(method, y0.dtype)
+        if not self.is_adaptive(method):
+            _, sol = odeint(f, y0, t, solver)
+            return sol
+        seminorm = (True, seminorm_dims) if seminorm_dims is not None else (False, None)
+        _, sol = odeint(f, y0, t, solver, atol=atol, rtol=rtol, seminorm=seminorm)
+        return sol
+
+
+_BACKENDS = {"torchdiffeq": TorchdiffeqBackend(), "torchdyn": TorchdynBackend()}
+
+
+def get_backend(name: str) -> SolverBackend:
+    """Look a backend up by name, with an error that lists the valid names."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(_BACKENDS)}") from None
