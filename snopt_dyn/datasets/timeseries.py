@@ -130,6 +130,12 @@ def _mask(values: Tensor, lengths: Tensor) -> Tensor:
     return inside & ~torch.isnan(values).all(dim=-1)
 
 
+def _as_float_tensor(sequence: np.ndarray | Tensor) -> Tensor:
+    if isinstance(sequence, Tensor):
+        return sequence.detach().to(torch.float32)
+    return torch.from_numpy(np.array(sequence, dtype=np.float32))  # copy: source may be read-only
+
+
 def from_sequences(
     sequences: Sequence[np.ndarray | Tensor],
     labels: Sequence[int] | Tensor,
@@ -144,7 +150,7 @@ def from_sequences(
     """
     if len(sequences) == 0:
         raise ValueError("need at least one series")
-    arrays = [torch.as_tensor(np.asarray(s), dtype=torch.float32) for s in sequences]
+    arrays = [_as_float_tensor(s) for s in sequences]
     channels = {a.shape[1] if a.ndim == 2 else -1 for a in arrays}
     if len(channels) != 1 or -1 in channels:
         raise ValueError("every sequence must be a 2-D (length, channels) array with the same channels")
@@ -158,7 +164,10 @@ def from_sequences(
     values = _fill_tail(values, lengths)
     steps = torch.arange(max_length, dtype=torch.float32)[None, :]
     times = torch.minimum(steps, (lengths - 1).to(torch.float32)[:, None])
-    labels_t = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if isinstance(labels, Tensor):
+        labels_t = labels.to(torch.int64).reshape(-1)
+    else:
+        labels_t = torch.from_numpy(np.array(labels, dtype=np.int64).reshape(-1))
     if labels_t.numel() and (int(labels_t.min()) < 0 or int(labels_t.max()) >= len(classes)):
         raise ValueError("labels must lie in 0..len(classes)-1")
     return TimeSeriesData(
