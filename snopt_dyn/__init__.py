@@ -1,6 +1,7 @@
 """snopt-dyn: a second-order optimizer (SNOpt) for neural differential equations."""
 from . import hooks
 from .adjoint import NFECounter, SolverError, nfe, odeint_adjoint
+from .preconditioner import NonFiniteError, SNOpt
 
-__all__ = ["odeint_adjoint", "SolverError", "NFECounter", "nfe", "hooks"]
+__all__ = ["odeint_adjoint", "SNOpt", "NonFiniteError", "SolverError", "NFECounter", "nfe", "hooks"]
 __version__ = "0.1.0"
