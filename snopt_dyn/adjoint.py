@@ -206,15 +206,16 @@ def _backward(setup: _Setup, t: Tensor, ys: Tensor, params: Tuple[Tensor, ...], 
                     inner.append((tj, r, j))
                 elif math.isclose(tj, float(t[i - 1])) or (i == len(t) - 1 and math.isclose(tj, float(t[i]))):
                     boundary.append((tj, r, j, i - 1 if math.isclose(tj, float(t[i - 1])) else i))
-        # order the inner sample times along the backward direction (from t[i] to t[i-1])
-        inner.sort(key=lambda x: x[0], reverse=float(t[i]) > float(t[i - 1]))
-        grid = torch.tensor([float(t[i])] + [x[0] for x in inner] + [float(t[i - 1])],
-                            dtype=t.dtype, device=t.device)
+        # the inner sample times, ordered along the backward direction (from t[i] to t[i-1])
+        unique = sorted({x[0] for x in inner}, reverse=float(t[i]) > float(t[i - 1]))
+        position = {tj: k for k, tj in enumerate(unique, start=1)}  # several observers may share times
+        grid = torch.tensor([float(t[i])] + unique + [float(t[i - 1])], dtype=t.dtype, device=t.device)
         with hooks.phase(hooks.SOLVE):
             sol = setup.backend.solve(aug_dynamics, aug, grid, method=setup.adjoint_method,
                                       rtol=setup.adjoint_rtol, atol=setup.adjoint_atol,
                                       options=setup.adjoint_options, seminorm_dims=seminorm_dims)
-        for k, (_, r, j) in enumerate(inner, start=1):
+        for tj, r, j in inner:
+            k = position[tj]
             requests[r][3][j] = (sol[k][:n], sol[k][n:2 * n])
         for _, r, j, idx in boundary:
             state = ys[idx]
