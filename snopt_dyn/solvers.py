@@ -56,12 +56,21 @@ class TorchdiffeqBackend(SolverBackend):
         return method not in self._FIXED
 
     def solve(self, f, y0, t, *, method, rtol, atol, options, seminorm_dims=None):
-        import torchdiffeq
+        from torchdiffeq._impl.odeint import odeint as odeint_impl
         options = dict(options or {})
         if seminorm_dims is not None and self.is_adaptive(method):
             k = seminorm_dims
             options["norm"] = lambda e: e[:k].pow(2).mean().sqrt()
-        return torchdiffeq.odeint(f, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+        try:
+            # the implementation, not the module attribute: wrap() swaps torchdiffeq.odeint during forwards
+            return odeint_impl(f, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+        except AssertionError as err:
+            # torchdiffeq's only sign of a blow-up or NaN state is a bare assertion; name the problem.
+            if "underflow in dt" not in str(err):
+                raise
+            from .adjoint import SolverError  # lazy: adjoint imports this module
+            raise SolverError(f"the step size underflowed ({err}): the solution is blowing up or "
+                              "became NaN. Check the field and y0, or shorten the time span.") from err
 
 
 class TorchdynBackend(SolverBackend):

@@ -1,0 +1,172 @@
+"""torchdyn adapter: ``NeuralODE`` instances solved by the engine adjoint.
+
+:func:`wrap_neural_ode` switches the class of a ``torchdyn.core.NeuralODE`` instance, in place, to
+:class:`EngineNeuralODE` (or, for a user subclass ``C`` of ``NeuralODE``, to a subclass of ``C``
+created here and importable by name, so the model still pickles).  Only the solving step changes:
+``NeuralODE.forward`` still runs torchdyn's ``_prep_integration`` (default ``t_span``,
+``DataControl`` inputs stored on the vector field, CNF noise), returns ``(t_eval, sol)`` or ``sol``
+(``return_t_eval=False``) with ``sol`` time first, and then ``odeint`` -- overridden here -- calls
+:func:`snopt_dyn.odeint_adjoint` with ``backend="torchdyn"``, the NeuralODE's vector field
+``node.vf`` (a ``DEFunc``, called as ``vf(t, x)``; ``DepthCat`` receives ``t`` as before) and the
+user's ``solver``, ``atol`` and ``rtol``.  Adaptive solvers land on every ``t_span`` point; for
+fixed-step solvers ``t_span`` is the step grid, as in torchdyn.
+
+Whatever ``sensitivity`` the NeuralODE was built with (``"autograd"``, ``"adjoint"``,
+``"interpolated_adjoint"``), the engine computes the gradients: O(1) memory, correct gradients for
+``t_span`` (torchdyn's own adjoint gets ``dL/dt0`` wrong), visible to :class:`snopt_dyn.SNOpt`.  For
+``"adjoint"``/``"interpolated_adjoint"`` the backward solve uses the NeuralODE's ``solver_adjoint``,
+``atol_adjoint`` and ``rtol_adjoint``; for ``"autograd"`` it reuses the forward settings.
+:func:`snopt_dyn.wrap`'s ``method``/``rtol``/``atol`` override both.  ``trajectory`` also runs on
+the engine.  ``save_at`` is honoured for fixed-step solvers (adaptive ones ignore it, as in
+torchdyn); ``args`` is ignored as in torchdyn (its solvers never pass it to the field).
+
+Not supported (``wrap`` raises ``ValueError``): solvers the engine does not run (implicit Euler,
+asynchronous leapfrog, user-defined solver modules), dict states, and an ``integral_loss`` with an
+adjoint sensitivity (the engine does not integrate it).  With ``sensitivity="autograd"`` an
+integral loss is carried in the state by torchdyn's ``DEFunc`` and works unchanged.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from torchdyn.core.neuralde import NeuralODE
+from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
+from ..wrapping import WrapOptions
+
+_ENGINE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "tsit5")
+_FIXED_STEP = ("euler", "midpoint", "rk4")
+
+
+def solver_name(solver) -> str:
+    """The torchdyn name of a solver (a name or a torchdyn solver instance)."""
+    if isinstance(solver, str):
+        if solver in SOLVER_DICT:
+            solver = SOLVER_DICT[solver]
+        else:
+            raise ValueError(f"unknown torchdyn solver {solver!r}")
+    else:
+        solver = type(solver)
+    for name in _ENGINE_SOLVERS:
+        if SOLVER_DICT[name] is solver:
+            return name
+    raise ValueError(f"snopt_dyn.wrap: the NeuralODE's solver {solver.__name__} cannot run on the engine "
+                     f"adjoint; use one of {list(_ENGINE_SOLVERS)} (or leave this NeuralODE unwrapped)")
+
+
+def _settings(node: NeuralODE, options: WrapOptions) -> dict:
+    method = solver_name(node.solver)
+    rtol, atol = node.rtol, node.atol
+    if node.sensitivity in ("adjoint", "interpolated_adjoint"):
+        adjoint_method = solver_name(node.solver_adjoint)
+        adjoint_rtol, adjoint_atol = node.rtol_adjoint, node.atol_adjoint
+    else:
+        adjoint_method, adjoint_rtol, adjoint_atol = method, rtol, atol
+    if options.method is not None:
+        method = adjoint_method = solver_name(options.method)
+    if options.rtol is not None:
+        rtol = adjoint_rtol = options.rtol
+    if options.atol is not None:
+        atol = adjoint_atol = options.atol
+    return dict(method=method, rtol=float(rtol), atol=float(atol), adjoint_method=adjoint_method,
+                adjoint_rtol=float(adjoint_rtol), adjoint_atol=float(adjoint_atol), seminorm=options.seminorm)
+
+
+def check(node: NeuralODE, options: WrapOptions) -> None:
+    """Raise ``ValueError`` when ``node`` cannot run on the engine (nothing is changed)."""
+    _settings(node, options)
+    if node.integral_loss is not None and node.sensitivity != "autograd":
+        raise ValueError("snopt_dyn.wrap: a NeuralODE with integral_loss and sensitivity="
+                         f"{node.sensitivity!r} is not supported (the engine adjoint does not integrate the "
+                         "loss); use sensitivity='autograd', where torchdyn carries it in the state")
+
+
+class _EngineSolveMixin:
+    """Overrides the solving step of a torchdyn ``ODEProblem``/``NeuralODE``."""
+
+    def odeint(self, x: Tensor, t_span: Tensor, save_at=(), args={}) -> Tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor):
+            raise NotImplementedError(f"snopt_dyn: a wrapped NeuralODE needs a tensor state, got {type(x).__name__}")
+        options: WrapOptions = getattr(self, "_snopt_wrap", None) or WrapOptions()
+        check(self, options)
+        settings = _settings(self, options)
+        if not isinstance(t_span, Tensor):
+            t_span = torch.as_tensor(t_span, dtype=x.dtype)
+        t_span = t_span.to(x.device)
+        sol = _engine_odeint_adjoint(self.vf, x, t_span, backend="torchdyn", **settings)
+        if settings["method"] in _FIXED_STEP and len(save_at) > 0:
+            save_at = torch.as_tensor(save_at).to(t_span)
+            keep = torch.stack([torch.isclose(t_span, s).nonzero()[0, 0] for s in save_at])
+            return save_at, sol[keep]
+        return t_span, sol
+
+    def trajectory(self, x: Tensor, t_span: Tensor) -> Tensor:
+        x, t_span = self._prep_integration(x, t_span)
+        return self.odeint(x, t_span)[1]
+
+
+class EngineNeuralODE(_EngineSolveMixin, NeuralODE):
+    """A torchdyn ``NeuralODE`` whose solves (and gradients) come from the engine adjoint."""
+
+
+_PREFIX = "EngineSubclass_"
+_SEP = "_CLS_"
+
+
+def _encode(cls: type) -> str:
+    return _PREFIX + cls.__module__.replace(".", "_DOT_") + _SEP + cls.__qualname__.replace(".", "_DOT_")
+
+
+def _engine_subclass(cls: type) -> type:
+    if issubclass(cls, _EngineSolveMixin):
+        return cls
+    if cls is NeuralODE:
+        return EngineNeuralODE
+    name = _encode(cls)
+    sub = globals().get(name)
+    if sub is None:
+        sub = type(name, (_EngineSolveMixin, cls), {"__module__": __name__, "__qualname__": name,
+                                                     "__doc__": f"{cls.__qualname__} solved by the engine adjoint."})
+        globals()[name] = sub
+    return sub
+
+
+def __getattr__(name: str):
+    """Recreate engine subclasses of user NeuralODE subclasses by name (for unpickling)."""
+    if name.startswith(_PREFIX):
+        module, _, qualname = name[len(_PREFIX):].partition(_SEP)
+        module = module.replace("_DOT_", ".")
+        import importlib
+        obj = importlib.import_module(module)
+        for part in qualname.replace("_DOT_", ".").split("."):
+            obj = getattr(obj, part)
+        return _engine_subclass(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def wrap_neural_ode(node: NeuralODE, options: WrapOptions) -> NeuralODE:
+    """Switch ``node`` (in place) to its engine class and record ``options`` on it."""
+    check(node, options)
+    node.__class__ = _engine_subclass(type(node))
+    vf_params = node.__dict__.get("vf_params")
+    if isinstance(vf_params, Tensor) and vf_params.grad_fn is not None:
+        # torchdyn's own adjoint keeps this concatenation of the parameters (with its autograd
+        # graph, which breaks copy.deepcopy); the engine never reads it.
+        node.vf_params = vf_params.detach()
+    object.__setattr__(node, "_snopt_wrap", options)
+    return node
+
+
+def unwrap_neural_ode(node: NeuralODE) -> NeuralODE:
+    """Undo :func:`wrap_neural_ode` (back to the original class)."""
+    cls = type(node)
+    if issubclass(cls, _EngineSolveMixin):
+        base = next(c for c in cls.__mro__[1:] if not issubclass(c, _EngineSolveMixin))
+        node.__class__ = base
+        node.__dict__.pop("_snopt_wrap", None)
+    return node
+
