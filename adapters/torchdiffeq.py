@@ -44,6 +44,7 @@ import threading
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 import torchdiffeq
@@ -53,6 +54,7 @@ from torchdiffeq._impl.odeint import odeint as _original_odeint
 from .. import hooks
 from ..adjoint import _Field
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
+from ..terminal_time import rescale_to_horizon, terminal_time_leaf
 from ..wrapping import WrapOptions, user_namespaces
 
 ORIGINALS = {"odeint": _original_odeint, "odeint_adjoint": _original_odeint_adjoint}
@@ -75,6 +77,22 @@ def _current_options() -> Optional[WrapOptions]:
     """Options of the innermost wrapped forward running on this thread, or ``None``."""
     stack = _stack()
     return stack[-1][2] if stack else None
+
+
+def _horizon(t, y0) -> Tensor:
+    """``t`` stretched to the wrapped model's trainable horizon, when it has one (one solve per forward)."""
+    entry = _stack()[-1]
+    model, solves = entry[3], entry[4]
+    if not entry[2].train_terminal_time:
+        return t
+    if solves[0]:
+        raise ValueError("snopt_dyn.wrap(train_terminal_time=True): this model solves more than one ODE per "
+                         "forward (e.g. an ODE-RNN between observations), so its time grid is fixed by the "
+                         "data; a trainable terminal time needs a single solve per forward")
+    solves[0] += 1
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=y0[0].dtype if isinstance(y0, (tuple, list)) else y0.dtype)
+    return rescale_to_horizon(t, terminal_time_leaf(model))
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -140,6 +158,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     settings = _adjoint_settings(wrap_options, method, rtol, atol, options, adjoint_rtol, adjoint_atol,
                                  adjoint_method, adjoint_options)
     params = None if adjoint_params is None else tuple(adjoint_params)
+    t = _horizon(t, y0)
     return _engine_odeint_adjoint(func, y0, t, backend="torchdiffeq", adjoint_params=params, **settings)
 
 
@@ -181,6 +200,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         raise NotImplementedError("snopt_dyn.wrap: odeint(event_fn=...) (terminal events) is not supported "
                                   "by the engine adjoint; call this solve outside the wrapped model")
     settings = _adjoint_settings(wrap_options, method, rtol, atol, options, None, None, None, None)
+    t = _horizon(t, y0)
     return _engine_odeint_adjoint(func, y0, t, backend="torchdiffeq", adjoint_params=_module_tensors(func),
                                   **settings)
 
@@ -216,14 +236,14 @@ def _enter(model: nn.Module, options: WrapOptions) -> None:
             else:
                 continue  # someone else's value (or a stale replacement): leave it alone
             keys.append(key)
-        _stack().append((id(model), keys, options))
+        _stack().append((id(model), keys, options, model, [0]))
 
 
 def _exit(model: nn.Module) -> None:
     stack = _stack()
     if not stack or stack[-1][0] != id(model):
         return  # our pre-hook did not run for this call (an earlier pre-hook raised)
-    _, keys, _ = stack.pop()
+    keys = stack.pop()[1]
     with _lock:
         for key in keys:
             entry = _active.get(key)

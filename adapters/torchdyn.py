@@ -36,6 +36,7 @@ from torchdyn.core.neuralde import NeuralODE
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
+from ..terminal_time import attach_terminal_time, rescale_to_horizon, terminal_time_leaf
 from ..wrapping import WrapOptions
 
 _ENGINE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "tsit5")
@@ -97,9 +98,13 @@ class _EngineSolveMixin:
         if not isinstance(t_span, Tensor):
             t_span = torch.as_tensor(t_span, dtype=x.dtype)
         t_span = t_span.to(x.device)
+        if options.train_terminal_time:
+            t_span = rescale_to_horizon(t_span, terminal_time_leaf(self))
         sol = _engine_odeint_adjoint(self.vf, x, t_span, backend="torchdyn", **settings)
         if settings["method"] in _FIXED_STEP and len(save_at) > 0:
             save_at = torch.as_tensor(save_at).to(t_span)
+            if options.train_terminal_time:
+                raise ValueError("snopt_dyn.wrap: save_at with a trainable terminal time is not supported")
             keep = torch.stack([torch.isclose(t_span, s).nonzero()[0, 0] for s in save_at])
             return save_at, sol[keep]
         return t_span, sol
@@ -158,6 +163,10 @@ def wrap_neural_ode(node: NeuralODE, options: WrapOptions) -> NeuralODE:
         # graph, which breaks copy.deepcopy); the engine never reads it.
         node.vf_params = vf_params.detach()
     object.__setattr__(node, "_snopt_wrap", options)
+    if options.train_terminal_time:
+        # default: the horizon of the NeuralODE's own t_span (torchdyn's default t_span is [0, 1])
+        span = 1.0 if node.t_span is None else float(node.t_span[-1] - node.t_span[0])
+        attach_terminal_time(node, span if options.terminal_time is None else options.terminal_time)
     return node
 
 

@@ -256,8 +256,8 @@ def _check_time(t, y0: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=y0.dtype, device=y0.device)
     if t.dim() != 1 or t.numel() < 2:
         raise ValueError(f"t must be a 1-D tensor of at least 2 times (start and end), got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        t = t.to(y0.dtype)
+    if not t.is_floating_point() or torch.finfo(t.dtype).bits < torch.finfo(y0.dtype).bits:
+        t = t.to(y0.dtype)  # times as precise as the state (differentiable, so time grads still flow)
     if not torch.isfinite(t).all():
         raise ValueError("t contains NaN or Inf; pass finite output times")
     d = t[1:] - t[:-1]

@@ -104,7 +104,21 @@ class TorchdynBackend(SolverBackend):
             return sol
         seminorm = (True, seminorm_dims) if seminorm_dims is not None else (False, None)
         _, sol = odeint(f, y0, t, solver, atol=atol, rtol=rtol, seminorm=seminorm)
-        return sol
+        if len(sol) == len(t):
+            return sol
+        # torchdyn records an output time only when `t + dt == T` holds exactly in floating point;
+        # when the last step overshoots T by an ulp (about 2% of float32 spans) the final point is
+        # dropped.  Solve again keeping every accepted step and take the nearest one to each time.
+        times, every = odeint(f, y0, t, str_to_solver(method, y0.dtype), atol=atol, rtol=rtol,
+                              seminorm=seminorm, return_all_eval=True)
+        times = times.reshape(-1).to(t)
+        if t[-1] < t[0]:
+            times = -times  # torchdyn integrates a reversed span in negated time
+        index = torch.stack([(times - ti).abs().argmin() for ti in t])
+        if not torch.allclose(times[index], t, rtol=1e-5, atol=1e-6):
+            from .adjoint import SolverError
+            raise SolverError(f"the torchdyn solver did not reach the output times {t.tolist()}")
+        return every[index]
 
 
 _BACKENDS = {"torchdiffeq": TorchdiffeqBackend(), "torchdyn": TorchdynBackend()}

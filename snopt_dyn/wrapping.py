@@ -43,6 +43,8 @@ from typing import Iterator, List, Optional, Set
 
 from torch import nn
 
+from .terminal_time import attach_terminal_time, validate_terminal_time
+
 SUPPORTED = (
     "snopt_dyn.wrap supports: torchdyn NeuralODE modules (alone, inside nn.Sequential, as attributes, "
     "with Augmenter/DepthCat/DataControl); modules whose code calls torchcde.cdeint; modules whose code "
@@ -65,7 +67,7 @@ class WrapOptions:
     them for the forward *and* the backward (adjoint) solve.  ``seminorm``: error control of the
     backward solve on ``[z, a]`` only (a torchdiffeq call that passes
     ``adjoint_options={"norm": ...}`` decides for itself).  ``train_terminal_time`` and
-    ``terminal_time`` are kept for the trainable-horizon feature (not implemented yet).
+    ``terminal_time``: the trainable horizon (see :func:`wrap`).
     """
 
     seminorm: bool = True
@@ -139,6 +141,11 @@ def _already_hooked(model: nn.Module) -> bool:
     return adapter is not None and adapter.is_wrapped(model)
 
 
+def _is_sde(model: nn.Module) -> bool:
+    """torchsde's convention: an SDE module declares ``noise_type`` and ``sde_type``."""
+    return any(hasattr(m, "noise_type") and hasattr(m, "sde_type") for m in model.modules())
+
+
 def _calls_engine(model: nn.Module) -> bool:
     pkg = sys.modules.get("snopt_dyn")
     engine = getattr(pkg, "odeint_adjoint", None)
@@ -173,8 +180,13 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
         seminorm: backward error control on ``[z, a]`` only (Kidger et al. 2020).
         method, rtol, atol: override the solver / tolerances of every solve (forward and backward);
             ``None`` keeps the user's.
-        train_terminal_time, terminal_time: trainable horizon T (a later feature); ``True`` raises
-            ``NotImplementedError`` for now.
+        train_terminal_time, terminal_time: make the horizon trainable: every torchdyn ``NeuralODE``
+            (or, for a torchdiffeq model with one solve per forward, the model itself) gets a
+            ``terminal_time`` buffer T (default: the NeuralODE's ``t_span`` length; required for
+            torchdiffeq models), and its time grid is stretched to ``[t0, t0 + T]``.  T gets its
+            exact gradient from the engine adjoint, is saved in ``state_dict`` but is not in
+            ``parameters()``: train it with :class:`snopt_dyn.TerminalTimeOptimizer`.  A Neural CDE
+            (horizon fixed by the data) or a torchsde model raises ``ValueError``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -186,19 +198,31 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
     options = WrapOptions(seminorm=bool(seminorm), method=method, rtol=rtol, atol=atol,
                           train_terminal_time=bool(train_terminal_time), terminal_time=terminal_time)
 
+    if train_terminal_time and _is_sde(model):
+        raise ValueError("train_terminal_time=True is not supported for torchsde models: torchsde's "
+                         "sdeint does not accept output times that require grad (a trainable T would "
+                         "need a time rescaling of the SDE); wrap it without train_terminal_time")
     nodes = _find_neural_odes(model)
     family = _calls_torchdiffeq(model)
     if not nodes and family is None:
         if _calls_engine(model):
+            if train_terminal_time:
+                raise ValueError("train_terminal_time=True needs a torchdyn NeuralODE or a torchdiffeq model; "
+                                 "a model calling snopt_dyn.odeint_adjoint directly can make T trainable "
+                                 "itself with snopt_dyn.terminal_time.attach_terminal_time / terminal_time_leaf")
             return model  # already on the engine: nothing to do
         raise ValueError(f"no ODE/CDE solve found in {type(model).__name__}. {SUPPORTED}")
 
     if train_terminal_time:
-        if family == "torchcde" and not nodes:
+        if family == "torchcde":
             raise ValueError("train_terminal_time=True makes no sense for a Neural CDE: its terminal time "
-                             "is the end of the data's time interval, fixed by the data")
-        raise NotImplementedError("train_terminal_time=True (trainable terminal time T) is not "
-                                  "implemented yet")
+                             "is the end of the data's time interval, fixed by the data; wrap it without "
+                             "train_terminal_time")
+        if family == "torchdiffeq" and not nodes and terminal_time is None:
+            raise ValueError("train_terminal_time=True on a torchdiffeq model needs terminal_time=<the "
+                             "horizon its solve uses now>, so that wrapping does not change its numbers")
+        if terminal_time is not None:
+            validate_terminal_time(terminal_time)
 
     if nodes:
         from .adapters import torchdyn as _torchdyn
@@ -212,5 +236,7 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
     elif family is not None:
         from .adapters import torchdiffeq as _torchdiffeq
         _torchdiffeq.install(model, options)
+        if train_terminal_time and not nodes:  # NeuralODEs hold their own horizons
+            attach_terminal_time(model, terminal_time)
     object.__setattr__(model, "_snopt_wrap", options)
     return model

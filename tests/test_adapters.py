@@ -704,8 +704,8 @@ def test_importing_snopt_dyn_imports_no_adapter_or_library():
 
 def test_wrap_options():
     model = _build_alone()
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        snopt_dyn.wrap(model, train_terminal_time=True)
+    with pytest.raises(ValueError, match="positive finite"):
+        snopt_dyn.wrap(model, train_terminal_time=True, terminal_time=-1.0)
     assert type(model) is NeuralODE  # nothing changed
     with pytest.raises(ValueError, match="fixed by the data"):
         snopt_dyn.wrap(NeuralCDE(3, 4, 2), train_terminal_time=True)
