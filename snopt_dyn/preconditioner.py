@@ -204,6 +204,10 @@ class SNOpt(hooks.EngineObserver):
     def on_samples(self, func, batch: hooks.SampleBatch) -> None:
         is_tuple = isinstance(batch.states, tuple)
         n_times = len(batch.times)
+        # the loss's batch size: the state's leading dimension (a layer fed a broadcast row, such
+        # as a time embedding, has fewer rows than the batch but still serves every sample)
+        first = batch.states[0] if is_tuple else batch.states
+        n_batch = first.shape[1] if first.dim() > 1 else 1
         for j in range(n_times):
             state = tuple(s[j] for s in batch.states) if is_tuple else batch.states[j]
             adjoint = tuple(a[j] for a in batch.adjoints) if is_tuple else (batch.adjoints[j],)
@@ -224,10 +228,10 @@ class SNOpt(hooks.EngineObserver):
                 if g is None:
                     continue
                 st = self._layers[module]
-                n = x.shape[0]
-                scale = (n if self.loss_reduction == "mean" else 1) * batch.weight
-                st.ode.add_a(st.kind.input_rows(module, x.detach()), n)
+                scale = (n_batch if self.loss_reduction == "mean" else 1) * batch.weight
+                st.ode.add_a(st.kind.input_rows(module, x.detach()), x.shape[0])
                 st.ode.add_g(st.kind.output_rows(module, g), scale)
+                st.ode.batch = n_batch
 
     def _on_layer_forward(self, module: nn.Module, x: Tensor, out: Tensor) -> None:
         phase = hooks.current_phase()

@@ -1,4 +1,5 @@
 """Small reference models, written the way users write them (plain torchdiffeq calls)."""
+from .cnf import CNF, CNFField, ConcatSquashLinear
 from .latent_ode import LatentODE, LatentODEFunc, ODERNN, ODERNNField, RecognitionRNN
 
-__all__ = ["LatentODE", "LatentODEFunc", "RecognitionRNN", "ODERNN", "ODERNNField"]
+__all__ = ["CNF", "CNFField", "ConcatSquashLinear", "LatentODE", "LatentODEFunc", "RecognitionRNN", "ODERNN", "ODERNNField"]

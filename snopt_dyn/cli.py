@@ -1,0 +1,259 @@
+"""Command line: ``snopt-dyn compare`` (also ``python -m snopt_dyn compare``).
+
+``main(argv)`` returns the exit status: 0 on success, 1 when the run cannot start or fails
+(a missing dependency, an unusable device or output folder), 2 for bad arguments, 130 when
+interrupted (whatever was trained so far is still summarised and written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional
+
+from .tasks import OPTIMIZER_HELP, OPTIMIZER_NAMES, TASKS
+
+DEFAULT_OPTIMIZERS = "snopt,adam,sgd"
+
+EPILOG = """\
+what it does:
+  Trains one task with each optimizer, interleaved in one process: every optimizer has its own
+  model (same initial weights), optimizer, data order (the same for all) and clock, and they take
+  turns one iteration at a time. Only training iterations are timed; test evaluations are not.
+  Prints a table (final/best test accuracy, time to the target accuracy, iterations/s, solver
+  evaluations per iteration) and writes <out>/curves.csv, <out>/results.json and
+  <out>/compare_<task>.png.
+
+tasks:
+  timeseries  torchcde Neural CDE on UEA JapaneseVowels (default)
+  image       torchdyn conv Neural ODE on a 4,000/1,000 MNIST subset
+  latent      ODE-RNN classifier on JapaneseVowels with 50%% of the observations dropped
+
+optimizers:
+""" + "\n".join(f"  {k:<10}  {v}" for k, v in OPTIMIZER_HELP.items()) + """
+
+examples:
+  snopt-dyn compare                                  # timeseries, ~3-4 minutes on 2 cores
+  snopt-dyn compare --task image --budget 30
+  snopt-dyn compare --optimizers snopt,sgd --iters 200 --lr sgd=0.05
+  snopt-dyn compare --data CharacterTrajectories_TRAIN.ts,CharacterTrajectories_TEST.ts
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors through an exception instead of exiting the process."""
+
+    def error(self, message):
+        raise _UsageError(self.prog, message, self.format_usage())
+
+
+class _UsageError(Exception):
+    def __init__(self, prog, message, usage):
+        super().__init__(message)
+        self.prog, self.usage = prog, usage
+
+
+def _optimizer_list(text: str) -> List[str]:
+    from .compare import parse_optimizer
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    for name in names:
+        try:
+            parse_optimizer(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one optimizer")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"an optimizer is listed twice: {text!r}")
+    return names
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _lr_overrides(text: str) -> Dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in OPTIMIZER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=LR[,NAME=LR] with NAME in {', '.join(OPTIMIZER_NAMES)}, got {part!r}")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not lr > 0:
+            raise argparse.ArgumentTypeError(f"learning rates must be positive, got {part!r}")
+        out[name] = lr
+    return out
+
+
+def _target(text: str) -> float:
+    raw = text.strip().rstrip("%")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if text.strip().endswith("%") or value > 1:
+        value /= 100.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a target accuracy must lie in (0, 1] or (0%, 100%], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="snopt-dyn", description="SNOpt, a second-order optimizer for neural ODEs/CDEs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    cmp = sub.add_parser("compare", help="train one task with SNOpt, Adam and SGD, interleaved, and compare",
+                         description="Compare SNOpt with first-order optimizers in wall-clock time.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmp.add_argument("--task", default="timeseries", choices=sorted(TASKS), help="what to train (default: timeseries)")
+    cmp.add_argument("--optimizers", type=_optimizer_list, default=_optimizer_list(DEFAULT_OPTIMIZERS),
+                     metavar="LIST", help=f"comma list from {','.join(OPTIMIZER_NAMES)} (default: {DEFAULT_OPTIMIZERS}); NAME@LR "
+                          "sets a run's learning rate, e.g. adam@1e-3,adam@3e-3 for a sweep")
+    limit = cmp.add_mutually_exclusive_group()
+    limit.add_argument("--budget", type=_positive_float, metavar="SECONDS",
+                       help="training-clock seconds per optimizer (default: the task's, 50 s: the whole run "
+                            "takes ~3-4 minutes on 2 cores)")
+    limit.add_argument("--iters", type=_positive_int, metavar="N", help="iterations per optimizer instead of a time budget")
+    cmp.add_argument("--target", type=_target, metavar="ACC",
+                     help="target accuracy for 'time to target', e.g. 0.93 or 93%% (default: the best final "
+                          "accuracy of the first-order methods)")
+    cmp.add_argument("--seed", type=int, default=0, help="initial weights and data order, the same for every optimizer (default: 0)")
+    cmp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    cmp.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="torch CPU threads (default: 1; the task models are small, and extra threads on a "
+                          "shared machine cost far more than they give)")
+    cmp.add_argument("--batch-size", type=_positive_int, metavar="N", help="default: the task's (32 timeseries/latent, 64 image)")
+    cmp.add_argument("--lr", type=_lr_overrides, metavar="NAME=LR[,...]",
+                     help="override tuned learning rates, e.g. --lr adam=1e-3,sgd=0.05 (for snopt: its base SGD's)")
+    cmp.add_argument("--damping", type=_positive_float, help="SNOpt damping (default: the task's, 0.05)")
+    cmp.add_argument("--update-freq", type=_positive_int, metavar="N", help="SNOpt refresh interval (default: 50)")
+    cmp.add_argument("--data", default="", metavar="SOURCE",
+                     help="timeseries/latent: japanese_vowels (default), basic_motions, or TRAIN.ts,TEST.ts (UEA files)")
+    cmp.add_argument("--eval-points", type=_positive_int, metavar="N",
+                     help="test evaluations per optimizer over the budget (default: the task's, 25 timeseries/latent, "
+                          "15 image)")
+    cmp.add_argument("--out", default="./snopt-dyn-results", metavar="DIR", help="output folder (default: ./snopt-dyn-results)")
+    cmp.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bar or notes; still prints the table and file paths")
+    # for tests and quick checks: train/test on the first N examples only
+    cmp.add_argument("--max-train", type=_positive_int, help=argparse.SUPPRESS)
+    cmp.add_argument("--max-test", type=_positive_int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"snopt-dyn: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        sys.stderr.write(exc.usage)
+        return _fail(str(exc), 2)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return _compare(args)
+
+
+def _compare(args) -> int:
+    import torch
+
+    from . import compare as cmp
+    from .tasks import TaskError, get_task
+
+    # 1. everything that can be checked before training
+    try:
+        task = get_task(args.task, args.data)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        return _fail(f"unknown device {args.device!r}; use cpu, cuda or cuda:N", 2)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"--device {args.device}: only cpu and cuda are supported")
+    if not args.no_plot:
+        try:
+            cmp.import_pyplot()
+        except ImportError as exc:
+            return _fail(str(exc))
+    try:
+        out_dir = cmp.check_output_dir(args.out)
+    except OSError as exc:
+        return _fail(str(exc))
+    if device.type == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
+
+    snopt_options = {}
+    if args.damping is not None:
+        snopt_options["damping"] = args.damping
+    if args.update_freq is not None:
+        snopt_options["update_freq"] = args.update_freq
+    try:
+        task.prepare(device, max_train=args.max_train, max_test=args.max_test)
+    except (TaskError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    if not args.quiet:
+        limit = f"{args.iters} iterations" if args.iters else f"{args.budget or task.budget:g} s of training clock"
+        print(f"snopt-dyn compare: task {task.name} ({task.description}; data {task.data}, "
+              f"{task.info['n_train']} train / {task.info['n_test']} test), {', '.join(args.optimizers)}, "
+              f"{limit} each, seed {args.seed}, {device}", file=sys.stderr)
+
+    # 2. train
+    try:
+        result = cmp.compare(task, args.optimizers, budget=args.budget, iters=args.iters, seed=args.seed,
+                             batch_size=args.batch_size, lrs=args.lr, snopt_options=snopt_options,
+                             eval_points=args.eval_points, progress=not args.quiet)
+    except (TaskError, ValueError) as exc:
+        return _fail(str(exc))
+
+    # 3. report
+    summary = cmp.summarize(result, args.target)
+    info = cmp.machine_info(device)
+    where = info.get("gpu") or f"{info['cores']} cores, {info['torch_threads']} torch thread(s)"
+    print(f"task {task.name}: {task.description} on {task.data} "
+          f"({task.info['n_train']} train / {task.info['n_test']} test) | {where} | torch {info['torch']} | "
+          f"seed {args.seed}")
+    print(cmp.format_table(result, summary), end="")
+    if not args.quiet:
+        for note in dict.fromkeys(result.notes):
+            print(f"note: {note}", file=sys.stderr)
+    try:
+        paths = cmp.write_outputs(result, summary, out_dir, plot=not args.no_plot)
+    except OSError as exc:
+        return _fail(f"could not write the results to {out_dir}: {exc}")
+    for kind in ("curves", "results", "plot"):
+        if kind in paths:
+            print(f"wrote {paths[kind]}")
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""``snopt-dyn compare``: every task end to end in a tiny budget, the outputs, and bad input.
+
+The runs use the hidden ``--max-train/--max-test`` options (evenly spaced subsets) and ``--iters``
+so that each takes a few seconds on 2 cores.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snopt_dyn import cli
+from snopt_dyn.compare import CSV_COLUMNS, CompareResult, Run, format_table, summarize
+from snopt_dyn.tasks import Task, get_task
+
+TINY = ["--max-train", "16", "--max-test", "24", "--eval-points", "2"]
+
+
+def run_main(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def parse_table(stdout: str) -> dict:
+    """The printed table as {optimizer: {column: text}}."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith(("target", "SNOpt", "note", "wrote")):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == len(header), (header, cells)
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def read_outputs(out_dir, task):
+    with open(os.path.join(out_dir, "curves.csv"), newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    with open(os.path.join(out_dir, "results.json")) as fh:
+        results = json.load(fh)
+    png = os.path.join(out_dir, f"compare_{task}.png")
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    return rows, results
+
+
+def pct(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+def check_consistency(stdout, rows, results, optimizers, iters=None):
+    """CSV, JSON and the printed table tell the same story."""
+    table = parse_table(stdout)
+    summary = {r["optimizer"]: r for r in results["summary"]["optimizers"]}
+    assert list(table) == list(summary) == optimizers
+    for name in optimizers:
+        mine = [r for r in rows if r["optimizer"] == name]
+        its = [int(r["iteration"]) for r in mine]
+        assert its == list(range(len(mine)))  # one row per iteration, 0 = before training
+        if iters is not None:
+            assert its[-1] == iters
+        evals = [float(r["test_metric"]) for r in mine if r["test_metric"] != ""]
+        assert len(evals) >= 2 and mine[0]["test_metric"] != "" and mine[-1]["test_metric"] != ""
+        clocks = [float(r["train_clock_s"]) for r in mine]
+        assert clocks[0] == 0 and all(b > a for a, b in zip(clocks, clocks[1:]))
+        s = summary[name]
+        assert s["iterations"] == its[-1]
+        assert math.isclose(s["train_clock_s"], clocks[-1])
+        assert math.isclose(s["final_metric"], evals[-1])
+        assert math.isclose(s["best_metric"], max(evals))
+        trained = mine[1:]
+        nfe = sum(int(r["nfe_forward"]) + int(r["nfe_backward"]) for r in trained) / len(trained)
+        assert math.isclose(s["nfe_per_iter"], nfe)
+        assert nfe > 0
+        sampling = sum(int(r["sampling_nfe"]) for r in trained)
+        if name == "snopt":
+            assert sampling > 0 and math.isclose(s["sampling_nfe_per_iter"], sampling / len(trained))
+        else:
+            assert sampling == 0 and s["sampling_nfe_per_iter"] is None
+        row = table[name]
+        assert int(row["iters"]) == s["iterations"]
+        assert abs(float(row["train s"]) - s["train_clock_s"]) <= 0.051
+        assert abs(pct(row["final acc"]) - s["final_metric"]) <= 5e-5
+        assert abs(pct(row["best acc"]) - s["best_metric"]) <= 5e-5
+        late = [float(r["test_metric"]) for r in trained
+                if r["test_metric"] != "" and float(r["train_clock_s"]) >= 2 * clocks[-1] / 3]
+        assert math.isclose(s["late_mean_metric"], sum(late) / len(late))
+        assert abs(pct(row["last 1/3 mean"]) - s["late_mean_metric"]) <= 5e-5
+        assert abs(float(row["NFE/it"]) - s["nfe_per_iter"]) <= 0.051
+        ttt = [v for k, v in row.items() if k.startswith("time to")][0]
+        if s["time_to_target_s"] is None:
+            assert ttt in ("not reached", "-")
+        else:
+            assert abs(float(ttt.split()[0]) - s["time_to_target_s"]) <= 0.051
+    target = results["summary"]["target"]
+    first_order = [summary[n]["final_metric"] for n in optimizers if n != "snopt"]
+    if first_order:
+        assert math.isclose(target, max(first_order))
+    assert results["machine"]["cores"] >= 1 and results["machine"]["torch"] == torch.__version__
+
+
+def test_timeseries_end_to_end(tmp_path, capsys):
+    out = tmp_path / "res"
+    code, stdout, stderr = run_main(capsys, "compare", "--iters", "2", "--out", str(out), *TINY)
+    assert code == 0, stderr
+    rows, results = read_outputs(out, "timeseries")
+    check_consistency(stdout, rows, results, ["snopt", "adam", "sgd"], iters=2)
+    defaults = get_task("timeseries").lrs
+    assert results["settings"]["lrs"] == {k: defaults[k] for k in ("snopt", "adam", "sgd")}
+    assert results["settings"]["snopt"]["update_freq"] == 50
+    for kind in ("curves.csv", "results.json", "compare_timeseries.png"):
+        assert f"wrote {out / kind}" in stdout
+    assert "SNOpt time-to-target" in stdout and "at equal time" in stdout
+    # the progress bar and the run header go to stderr, the table to stdout
+    assert "training" in stderr and "optimizer" not in stderr
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
+
+
+@pytest.mark.parametrize("task", ["image", "latent"])
+def test_other_tasks(task, tmp_path, capsys):
+    out = tmp_path / task
+    code, stdout, stderr = run_main(capsys, "compare", "--task", task, "--iters", "2", "--quiet",
+                                    "--optimizers", "snopt,sgd", "--out", str(out), *TINY)
+    assert code == 0, stderr
+    assert stderr == ""  # --quiet: nothing but errors on stderr
+    rows, results = read_outputs(out, task)
+    check_consistency(stdout, rows, results, ["snopt", "sgd"], iters=2)
+    assert results["settings"]["task"] == task
+
+
+def test_budget_mode_sweep_and_target(tmp_path, capsys):
+    out = tmp_path / "budget"
+    code, stdout, stderr = run_main(capsys, "compare", "--budget", "1.0", "--quiet", "--no-plot",
+                                    "--optimizers", "snopt,sgd@0.1,sgd@0.01", "--target", "50%",
+                                    "--out", str(out), *TINY)
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["curves.csv", "results.json"]
+    with open(out / "results.json") as fh:
+        results = json.load(fh)
+    summary = results["summary"]
+    assert summary["target"] == 0.5 and "--target" in summary["target_source"]
+    assert "time to 50.00%" in stdout
+    for r in summary["optimizers"]:
+        # each run stops at the first iteration that takes its clock past the budget
+        assert r["train_clock_s"] >= 1.0 and r["iterations"] >= 1
+    assert [r["lr"] for r in summary["optimizers"]] == [get_task("timeseries").lrs["snopt"], 0.1, 0.01]
+    assert results["settings"]["budget_s"] == 1.0 and results["settings"]["iters"] is None
+
+
+def test_python_dash_m(tmp_path):
+    out = tmp_path / "m"
+    proc = subprocess.run([sys.executable, "-m", "snopt_dyn", "compare", "--iters", "1", "--optimizers",
+                           "snopt,adam", "--out", str(out), *TINY],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimizer" in proc.stdout and f"wrote {out / 'results.json'}" in proc.stdout
+    rows, results = read_outputs(out, "timeseries")
+    check_consistency(proc.stdout, rows, results, ["snopt", "adam"], iters=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "invalid choice: 'nope'"),
+    (["--optimizers", "snopt,lbfgs"], "unknown optimizer 'lbfgs'"),
+    (["--optimizers", "adam@-1"], "learning rates must be positive"),
+    (["--budget", "0"], "must be a positive number of seconds"),
+    (["--budget", "-5"], "must be a positive number of seconds"),
+    (["--budget", "nan"], "must be a positive number of seconds"),
+    (["--iters", "0"], "must be a positive integer"),
+    (["--budget", "5", "--iters", "5"], "not allowed with argument"),
+    (["--target", "150"], "target accuracy"),
+    (["--lr", "rmsprop=0.1"], "expected NAME=LR"),
+    (["--device", "tpu"], "unknown device"),
+    (["--data", "a.ts,b.ts"], "no such file"),
+    (["--task", "image", "--data", "cifar"], "MNIST subset only"),
+])
+def test_bad_input(args, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    code, stdout, stderr = run_main(capsys, "compare", "--out", str(out), *args)
+    assert code != 0
+    assert message in stderr
+    assert stderr.count("error:") == 1 and "Traceback" not in stderr
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "results"  # its parent is a regular file: cannot be created (even as root)
+    code, stdout, stderr = run_main(capsys, "compare", "--iters", "1", "--out", str(out), *TINY)
+    assert code == 1
+    assert "cannot create the output folder" in stderr and str(out) in stderr
+    assert stdout == ""  # failed before training
+    assert blocker.read_text() == "not a folder"
+    code, stdout, stderr = run_main(capsys, "compare", "--iters", "1", "--out", str(blocker), *TINY)
+    assert code == 1 and "is not a folder" in stderr
+
+
+def test_no_command_and_help(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["compare", "--help"]) == 0
+    assert "interleaved" in capsys.readouterr().out
+
+
+class _FakeTask:
+    name, description, metric, higher_is_better = "fake", "fake", "accuracy", True
+    device = torch.device("cpu")
+    info = {}
+
+
+def _fake_run(name, kind, curve):
+    run = Run(name=name, kind=kind, lr=0.1, model=None, optimizer=None,
+              precond=None, generator=torch.Generator(), batch_size=1, n_train=1)
+    for i, (clock, metric) in enumerate(curve):
+        run.rows.append(dict(optimizer=name, iteration=i, train_clock_s=clock, train_loss=None,
+                             test_metric=metric, nfe_forward=1, nfe_backward=2, sampling_nfe=0))
+    run.iters, run.clock = len(curve) - 1, curve[-1][0]
+    run.nfe_forward, run.nfe_backward = run.iters, 2 * run.iters
+    return run
+
+
+def test_summary_target_and_ratio():
+    runs = [_fake_run("snopt", "snopt", [(0, 0.1), (1, 0.8), (2, 0.93), (3, 0.95)]),
+            _fake_run("adam", "adam", [(0, 0.1), (1, 0.5), (2, 0.7), (4, 0.85)]),
+            _fake_run("sgd", "sgd", [(0, 0.1), (2, 0.9), (4, 0.92), (5, 0.93)])]
+    result = CompareResult(task=_FakeTask(), runs=runs, settings={})
+    summary = summarize(result)
+    assert summary["target"] == 0.93  # the best final accuracy of the first-order methods
+    by = {r["optimizer"]: r for r in summary["optimizers"]}
+    assert by["snopt"]["time_to_target_s"] == 2 and by["sgd"]["time_to_target_s"] == 5
+    assert by["adam"]["time_to_target_s"] is None
+    assert summary["snopt_time_ratio"] == pytest.approx(0.4) and summary["best_first_order"] == "sgd"
+    assert by["sgd"]["nfe_per_iter"] == 3 and by["sgd"]["iters_per_s"] == pytest.approx(3 / 5)
+    text = format_table(result, summary)
+    assert "0.40x (faster)" in text and "not reached" in text
+    # an explicit target that SNOpt misses
+    summary = summarize(result, target=0.99)
+    assert summary["snopt_time_ratio"] is None
+    assert "SNOpt did not reach the target" in format_table(result, summary)
+
+
+class _ToyTask(Task):
+    """No ODE: a Linear model on random data, whose loss blows up for one optimizer."""
+
+    def make_model(self, seed):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(4, 3)
+
+    def loss(self, model, index):
+        if self.explode is not None and model is self.explode() and self.calls.setdefault("n", 0) >= 1:
+            raise AssertionError("non-finite values in state `y`: tensor([nan])")
+        if self.explode is not None and model is self.explode():
+            self.calls["n"] += 1
+        return torch.nn.functional.cross_entropy(model(self.train_x[index]), self.train_y[index])
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            return float((model(self.test_x).argmax(-1) == self.test_y).float().mean())
+
+
+def test_a_diverging_run_stops_alone():
+    from snopt_dyn.compare import compare
+    task = _ToyTask(name="toy", description="toy", batch_size=8, budget=1.0, lrs={"sgd": 0.1, "adam": 0.01},
+                    snopt={})
+    gen = torch.Generator().manual_seed(0)
+    task.train_x, task.train_y = torch.randn(32, 4, generator=gen), torch.randint(3, (32,), generator=gen)
+    task.test_x, task.test_y = torch.randn(16, 4, generator=gen), torch.randint(3, (16,), generator=gen)
+    task.info = {"n_train": 32, "n_test": 16}
+    task.calls, task.explode = {}, None
+    original = task.make_model
+    models = []
+
+    def make_model(seed):
+        models.append(original(seed))
+        if len(models) == 2:  # the second run (sgd) diverges at its second iteration
+            task.explode = lambda: models[1]
+        return models[-1]
+
+    task.make_model = make_model
+    result = compare(task, ["adam", "sgd"], iters=5, eval_points=5, progress=False)
+    adam, sgd = result.runs
+    assert adam.iters == 5 and adam.status == "ok"
+    assert sgd.iters == 2 and sgd.status.startswith("stopped at iteration 2: AssertionError: non-finite")
+    assert sgd.rows[-1]["test_metric"] is None and len(sgd.evals) >= 1
+    text = format_table(result, summarize(result))
+    assert "note: sgd stopped at iteration 2" in text
