@@ -852,3 +852,36 @@ def test_torchdyn_backend_keeps_final_point_when_last_step_overshoots_by_an_ulp(
     ref = snopt_dyn.odeint_adjoint(Field(), x.double(), t.double(), rtol=1e-9, atol=1e-9, adjoint_params=())
     assert ys.shape == (2, 4, 3)
     assert (ys[-1].double() - ref[-1]).abs().max() < 0.05
+
+
+def test_sampling_does_not_shorten_torchdyn_adaptive_backward_steps():
+    """torchdyn's adaptive solvers step onto every output time; with 50 samples the backward solve
+    would cost several times more.  The engine solves sampled backward passes with an interpolating
+    solver instead, so the backward NFE stays close to the unsampled one."""
+
+    class Ask(snopt_dyn.hooks.EngineObserver):
+        def sample_spec(self, func):
+            return snopt_dyn.hooks.SampleSpec(count=50)
+
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = field
+
+        def forward(self, t, z):
+            return self.net(z)
+
+    z0 = torch.randn(8, 3)
+    counts = []
+    for observer in (None, Ask()):
+        handle = snopt_dyn.hooks.register_observer(observer) if observer else None
+        snopt_dyn.nfe.reset()
+        snopt_dyn.odeint_adjoint(Field(), z0, torch.tensor([0.0, 1.0]), backend="torchdyn",
+                                 method="tsit5")[-1].pow(2).sum().backward()
+        counts.append(snopt_dyn.nfe.backward)
+        if handle:
+            handle.remove()
+    assert counts[1] < 1.5 * counts[0] + 10, counts
