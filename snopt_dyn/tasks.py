@@ -416,7 +416,15 @@ def _latent(data: str) -> Task:
         data=data or "japanese_vowels")
 
 
-TASKS: Dict[str, Callable[[str], Task]] = {"timeseries": _timeseries, "image": _image, "latent": _latent}
+def _flow(data: str) -> Task:
+    if data:
+        raise ValueError("--task flow runs on the vendored diamonds table only; --data is not supported")
+    from .flow import build_flow_task  # flow.py builds on this module
+    return build_flow_task()
+
+
+TASKS: Dict[str, Callable[[str], Task]] = {"timeseries": _timeseries, "image": _image, "latent": _latent,
+                                           "flow": _flow}
 
 
 def get_task(name: str, data: str = "") -> Task:

@@ -61,9 +61,10 @@ def pct(text: str) -> float:
     return float(text.rstrip("%")) / 100
 
 
-def check_consistency(stdout, rows, results, optimizers, iters=None):
-    """CSV, JSON and the printed table tell the same story."""
+def check_consistency(stdout, rows, results, optimizers, iters=None, metric="acc"):
+    """CSV, JSON and the printed table tell the same story (``metric="nll"``: lower is better)."""
     table = parse_table(stdout)
+    best_of, shown = (max, pct) if metric == "acc" else (min, float)
     summary = {r["optimizer"]: r for r in results["summary"]["optimizers"]}
     assert list(table) == list(summary) == optimizers
     for name in optimizers:
@@ -80,7 +81,7 @@ def check_consistency(stdout, rows, results, optimizers, iters=None):
         assert s["iterations"] == its[-1]
         assert math.isclose(s["train_clock_s"], clocks[-1])
         assert math.isclose(s["final_metric"], evals[-1])
-        assert math.isclose(s["best_metric"], max(evals))
+        assert math.isclose(s["best_metric"], best_of(evals))
         trained = mine[1:]
         nfe = sum(int(r["nfe_forward"]) + int(r["nfe_backward"]) for r in trained) / len(trained)
         assert math.isclose(s["nfe_per_iter"], nfe)
@@ -93,12 +94,12 @@ def check_consistency(stdout, rows, results, optimizers, iters=None):
         row = table[name]
         assert int(row["iters"]) == s["iterations"]
         assert abs(float(row["train s"]) - s["train_clock_s"]) <= 0.051
-        assert abs(pct(row["final acc"]) - s["final_metric"]) <= 5e-5
-        assert abs(pct(row["best acc"]) - s["best_metric"]) <= 5e-5
+        assert abs(shown(row[f"final {metric}"]) - s["final_metric"]) <= 5e-5
+        assert abs(shown(row[f"best {metric}"]) - s["best_metric"]) <= 5e-5
         late = [float(r["test_metric"]) for r in trained
                 if r["test_metric"] != "" and float(r["train_clock_s"]) >= 2 * clocks[-1] / 3]
         assert math.isclose(s["late_mean_metric"], sum(late) / len(late))
-        assert abs(pct(row["last 1/3 mean"]) - s["late_mean_metric"]) <= 5e-5
+        assert abs(shown(row["last 1/3 mean"]) - s["late_mean_metric"]) <= 5e-5
         assert abs(float(row["NFE/it"]) - s["nfe_per_iter"]) <= 0.051
         ttt = [v for k, v in row.items() if k.startswith("time to")][0]
         if s["time_to_target_s"] is None:
@@ -108,7 +109,7 @@ def check_consistency(stdout, rows, results, optimizers, iters=None):
     target = results["summary"]["target"]
     first_order = [summary[n]["final_metric"] for n in optimizers if n != "snopt"]
     if first_order:
-        assert math.isclose(target, max(first_order))
+        assert math.isclose(target, best_of(first_order))
     assert results["machine"]["cores"] >= 1 and results["machine"]["torch"] == torch.__version__
 
 
@@ -129,7 +130,7 @@ def test_timeseries_end_to_end(tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
 
 
-@pytest.mark.parametrize("task", ["image", "latent"])
+@pytest.mark.parametrize("task", ["image", "latent", "flow"])
 def test_other_tasks(task, tmp_path, capsys):
     out = tmp_path / task
     code, stdout, stderr = run_main(capsys, "compare", "--task", task, "--iters", "2", "--quiet",
@@ -137,7 +138,7 @@ def test_other_tasks(task, tmp_path, capsys):
     assert code == 0, stderr
     assert stderr == ""  # --quiet: nothing but errors on stderr
     rows, results = read_outputs(out, task)
-    check_consistency(stdout, rows, results, ["snopt", "sgd"], iters=2)
+    check_consistency(stdout, rows, results, ["snopt", "sgd"], iters=2, metric="nll" if task == "flow" else "acc")
     assert results["settings"]["task"] == task
 
 
