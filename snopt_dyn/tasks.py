@@ -293,6 +293,11 @@ def _load_mnist():
     return datasets.load_mnist_subset("train"), datasets.load_mnist_subset("test"), dict(num_classes=10)
 
 
+def _load_digits():
+    _import_torchdyn()
+    return datasets.load_digits("train"), datasets.load_digits("test"), dict(num_classes=10)
+
+
 def _build_image(info) -> nn.Module:
     return build_image_model(num_classes=info["num_classes"])
 
@@ -391,9 +396,16 @@ def _timeseries(data: str) -> Task:
 
 
 def _image(data: str) -> Task:
-    if data not in ("", "mnist", "mnist_subset"):
-        raise ValueError(f"task 'image' runs on the vendored MNIST subset only (--data mnist); got {data!r}. "
-                         "For other images build a Task in Python (see snopt_dyn.tasks)")
+    if data not in ("", "mnist", "mnist_subset", "digits"):
+        raise ValueError(f"task 'image' runs on the vendored MNIST subset (--data mnist) or sklearn digits "
+                         f"(--data digits); got {data!r}. For other images build a Task in Python (see snopt_dyn.tasks)")
+    if data == "digits":  # 8x8 digits: easy, for quick checks (too easy to separate optimizers)
+        return Task(
+            name="image", description="torchdyn conv Neural ODE (8-16-8 conv field, dopri5 1e-3) on sklearn digits",
+            batch_size=64, budget=30.0,
+            lrs={"snopt": 0.1, "adam": 1e-2, "sgd": 0.3, "sgd-plain": 1.0},
+            snopt=dict(damping=0.05, update_freq=50, sample_step=0.1),
+            eval_batch=450, eval_points=15, loader=_load_digits, builder=_build_image, data="digits")
     return Task(
         name="image",
         description="torchdyn conv Neural ODE (8-16-8 conv field, dopri5 1e-3)",
