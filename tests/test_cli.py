@@ -185,7 +185,7 @@ def test_python_dash_m(tmp_path):
     (["--lr", "rmsprop=0.1"], "expected NAME=LR"),
     (["--device", "tpu"], "unknown device"),
     (["--data", "a.ts,b.ts"], "no such file"),
-    (["--task", "image", "--data", "cifar"], "MNIST subset only"),
+    (["--task", "image", "--data", "cifar"], "vendored MNIST subset"),
 ])
 def test_bad_input(args, message, tmp_path, capsys):
     out = tmp_path / "never"
