@@ -128,7 +128,8 @@ def test_time_to_accuracy(benchmark, record, task_name):
         assert 0 < summary["target"] <= 1
         assert {r["optimizer"] for r in summary["optimizers"]} == set(OPTIMIZERS)
         for r in summary["optimizers"]:
-            assert r["status"] == "ok", r
+            # a run the solver or a NaN stopped is a result (compare records it), not a malformed output
+            assert r["status"] == "ok" or (FULL and r["status"].startswith("stopped at iteration")), r
             assert r["iterations"] >= 1 and finite_positive(r["train_clock_s"])
             assert 0 <= r["final_metric"] <= 1 and r["final_metric"] <= r["best_metric"] <= 1
             assert finite_positive(r["nfe_per_iter"]) and r["nfe_forward_per_iter"] > 0 and r["nfe_backward_per_iter"] > 0
