@@ -255,6 +255,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = _write_results()
     tr = terminalreporter
     tr.write_sep("-", f"snopt-dyn benchmarks ({MODE} mode)")
+    if not FULL:
+        tr.write_line("quick mode: tiny models and budgets, checks that every measurement is well formed; "
+                      "its figures are noise (SNOPT_DYN_BENCH=full for the figures of BENCHMARKS.md)")
     info = machine()
     tr.write_line(f"machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, "
                   f"load average {_load_at_start} -> {load_average()}")

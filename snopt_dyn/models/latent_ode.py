@@ -112,17 +112,18 @@ class ODERNNField(nn.Module):
     """Hidden-state dynamics of the ODE-RNN, integrated on ``s`` in ``[0, 1]`` for each gap.
 
     ``dh/ds = Δt · MLP(h)`` with ``Δt`` ``(N, 1)`` the length of the current gap of every series, so
-    one solve covers series observed at different times (a zero gap leaves ``h`` unchanged).
+    one solve covers series observed at different times (a zero gap leaves ``h`` unchanged).  The gap
+    travels in the state as ``(h, Δt)`` with ``dΔt/ds = 0``: an attribute set per solve would be read
+    again, changed, when the adjoint's backward pass runs.
     """
 
     def __init__(self, hidden: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden, width), nn.Tanh(), nn.Linear(width, hidden))
-        self.dt: Optional[Tensor] = None  # set by ODERNN for each solve; not a parameter or buffer
 
-    def forward(self, t: Tensor, h: Tensor) -> Tensor:
-        out = self.net(h)
-        return out if self.dt is None else out * self.dt
+    def forward(self, t: Tensor, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        h, dt = state
+        return self.net(h) * dt, torch.zeros_like(dt)
 
 
 class ODERNN(nn.Module):
@@ -163,16 +164,13 @@ class ODERNN(nn.Module):
         solve = odeint_adjoint if self.adjoint else odeint
         span = torch.tensor([0.0, 1.0], dtype=values.dtype, device=values.device)
         h = values.new_zeros(n, self.hidden)
-        try:
-            for i in range(length):
-                if i > 0:
-                    gap = (times[:, i] - times[:, i - 1]).to(values.dtype).unsqueeze(-1)
-                    if bool((gap != 0).any()):
-                        self.func.dt = gap
-                        h = solve(self.func, h, span, rtol=self.rtol, atol=self.atol, method=self.method)[-1]
-                h = torch.where(keep[:, i], self.cell(values[:, i], h), h)
-        finally:
-            self.func.dt = None
+        for i in range(length):
+            if i > 0:
+                gap = (times[:, i] - times[:, i - 1]).to(values.dtype).unsqueeze(-1)
+                if bool((gap != 0).any()):
+                    hs, _ = solve(self.func, (h, gap), span, rtol=self.rtol, atol=self.atol, method=self.method)
+                    h = hs[-1]
+            h = torch.where(keep[:, i], self.cell(values[:, i], h), h)
         return h
 
     def forward(self, values: Tensor, times: Tensor, mask: Optional[Tensor] = None) -> Tensor:
