@@ -1,7 +1,8 @@
 """snopt-dyn: a second-order optimizer (SNOpt) for neural differential equations."""
 from . import hooks
-from .adjoint import NFECounter, SolverError, nfe, odeint_adjoint
-from .preconditioner import NonFiniteError, SNOpt
+from .adjoint import NFECounter, nfe, odeint_adjoint
+from .errors import NonFiniteError, SolverError
+from .preconditioner import SNOpt
 from .terminal_time import TerminalTimeOptimizer
 from .wrapping import wrap
 

@@ -23,15 +23,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import hooks
+from .errors import SolverError
 from .solvers import SolverBackend, get_backend
 
 State = Union[Tensor, Tuple[Tensor, ...]]
 
 DEFAULT_MAX_NFE = 100_000
-
-
-class SolverError(RuntimeError):
-    """The solver did not finish: too many field evaluations (a stiff or exploding problem)."""
 
 
 @dataclass

@@ -24,13 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from . import hooks
+from .errors import NonFiniteError
 from .layers import LayerKind, kind_of
 
 Schedule = Union[float, Callable[[int], float]]
-
-
-class NonFiniteError(FloatingPointError):
-    """Raised by :meth:`SNOpt.step` on NaN/Inf gradients or statistics when ``raise_on_nonfinite``."""
 
 
 @dataclass

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .errors import SolverError
+
 Field = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -70,7 +72,6 @@ class TorchdiffeqBackend(SolverBackend):
             # torchdiffeq's only sign of a blow-up or NaN state is a bare assertion; name the problem.
             if "underflow in dt" not in str(err):
                 raise
-            from .adjoint import SolverError  # lazy: adjoint imports this module
             raise SolverError(f"the step size underflowed ({err}): the solution is blowing up or "
                               "became NaN. Check the field and y0, or shorten the time span.") from err
 
@@ -118,7 +119,6 @@ class TorchdynBackend(SolverBackend):
             times = -times  # torchdyn integrates a reversed span in negated time
         index = torch.stack([(times - ti).abs().argmin() for ti in t])
         if not torch.allclose(times[index], t, rtol=1e-5, atol=1e-6):
-            from .adjoint import SolverError
             raise SolverError(f"the torchdyn solver did not reach the output times {t.tolist()}")
         return every[index]
 
