@@ -76,15 +76,30 @@ class SampleSpec:
 class SampleBatch:
     """States and adjoints at sample times, from one backward solve of one field.
 
-    ``states[j]`` and ``adjoints[j]`` have the shape of the solve's ``y0``; ``weight`` is Δ, the
-    quadrature weight of each sample.  ``evaluate(j)`` is not provided on purpose: the observer
-    calls the field itself so that it controls what autograd records.
+    ``states[j]`` and ``adjoints[j]`` have the shape of the solve's ``y0``.  ``weights[j]`` is the
+    quadrature weight of sample ``j`` (shape ``(J,)``, on the state's device, the dtype of
+    ``times``); ``sum(weights) == |T - t0|``, so ``sum_j weights[j] * h(t_j)`` approximates the
+    integral of ``h`` over the solve.  ``weight`` is their mean, kept for observers written when all
+    samples shared one weight.  Give either one when building a batch by hand; the other is derived.
+    ``evaluate(j)`` is not provided on purpose: the observer calls the field itself so that it
+    controls what autograd records.
     """
 
     times: Tensor
     states: Tensor
     adjoints: Tensor
-    weight: float
+    weight: Optional[float] = None
+    weights: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if self.weights is None:
+            if self.weight is None:
+                raise ValueError("SampleBatch needs weights= (per-sample quadrature weights) or weight=")
+            self.weights = torch.full((len(self.times),), float(self.weight), dtype=self.times.dtype,
+                                      device=self.times.device)
+        elif self.weight is None:
+            # one host sync per batch (not per sample): the mean, for observers that read one weight
+            self.weight = float(self.weights.mean()) if len(self.weights) else 0.0
 
 
 class EngineObserver:
