@@ -32,7 +32,9 @@ from torch.nn import functional as F
 
 import snopt_dyn
 from snopt_dyn import datasets
-from snopt_dyn import tasks as task_module
+from snopt_dyn.compare import get_task
+from snopt_dyn.compare.tasks.image import ConvField, build_image_model
+from snopt_dyn.models import CDEFunc
 
 from snopt_dyn_bench import FULL, finite_positive, interleaved, median, paired_ratio, pick
 
@@ -87,7 +89,7 @@ class CDE(nn.Module):
     def __init__(self, channels: int, hidden: int, classes: int, width: int, adjoint_options=None):
         super().__init__()
         self.initial = nn.Linear(channels, hidden)
-        self.func = task_module.CDEFunc(channels, hidden, width)
+        self.func = CDEFunc(channels, hidden, width)
         self.readout = nn.Linear(hidden, classes)
         self.adjoint_options = adjoint_options
 
@@ -118,7 +120,7 @@ def _case_torchdiffeq():
 
 def _case_torchcde():
     pytest.importorskip("torchcde")
-    task = task_module.get_task("timeseries").prepare("cpu")
+    task = get_task("timeseries").prepare("cpu")
     n = pick(8, 32)
     index = torch.linspace(0, task.n_train - 1, n).round().long()  # spread over the (class-sorted) set
     coeffs, y = task.train_x[index], task.train_y[index]
@@ -130,7 +132,7 @@ def _case_torchcde():
         return CDE(info["channels"], hidden, info["num_classes"], 64, adjoint_options)
 
     sides = {"native": build(), "native+seminorm": build({"norm": "seminorm"}), "wrapped": snopt_dyn.wrap(build())}
-    return dict(sides=sides, field=task_module.CDEFunc, loss=lambda m: F.cross_entropy(m(coeffs), y),
+    return dict(sides=sides, field=CDEFunc, loss=lambda m: F.cross_entropy(m(coeffs), y),
                 what=f"JapaneseVowels Neural CDE hidden {hidden}, batch {n}", rounds=pick(3, 15))
 
 
@@ -144,11 +146,11 @@ def _case_torchdyn():
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return task_module.build_image_model()
+            return build_image_model()
 
     sides = {"native": build(), "wrapped-fullnorm": snopt_dyn.wrap(build(), seminorm=False),
              "wrapped": snopt_dyn.wrap(build())}
-    return dict(sides=sides, field=task_module.ConvField, loss=lambda m: F.cross_entropy(m(x), y),
+    return dict(sides=sides, field=ConvField, loss=lambda m: F.cross_entropy(m(x), y),
                 what=f"MNIST conv Neural ODE (8-16-8), batch {n}", rounds=pick(3, 15))
 
 

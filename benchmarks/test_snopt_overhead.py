@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import snopt_dyn
-from snopt_dyn.tasks import get_task
+from snopt_dyn.compare import get_task
 
 from snopt_dyn_bench import finite_positive, interleaved, median, paired_ratio, pick
 

@@ -1,5 +1,5 @@
 """Time to accuracy: training-clock seconds for SNOpt, Adam, SGD+momentum and plain SGD to reach a
-target test accuracy, on the ``compare`` tasks (``snopt_dyn.tasks``):
+target test accuracy, on the ``compare`` tasks (``snopt_dyn.compare.tasks``):
 
 * ``timeseries``: the torchcde Neural CDE on UEA JapaneseVowels;
 * ``image``: the torchdyn conv Neural ODE on the vendored MNIST subset.
@@ -32,7 +32,7 @@ import warnings
 import pytest
 
 from snopt_dyn.compare import compare, summarize
-from snopt_dyn.tasks import get_task
+from snopt_dyn.compare import get_task
 
 from snopt_dyn_bench import FULL, finite_positive, pick
 

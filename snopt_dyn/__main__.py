@@ -1,7 +1,7 @@
 """``python -m snopt_dyn compare ...`` -- the same as the ``snopt-dyn`` console script."""
 import sys
 
-from .cli import main
+from .compare.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

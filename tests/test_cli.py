@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 
-from snopt_dyn import cli
+from snopt_dyn.compare import cli
 from snopt_dyn.compare import CSV_COLUMNS, CompareResult, Run, format_table, summarize
-from snopt_dyn.tasks import Task, get_task
+from snopt_dyn.compare import Task, get_task
 
 TINY = ["--max-train", "16", "--max-test", "24", "--eval-points", "2"]
 

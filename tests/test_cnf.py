@@ -1,4 +1,4 @@
-"""Continuous normalizing flows under the engine and SNOpt (snopt_dyn.models.cnf, snopt_dyn.flow)."""
+"""Continuous normalizing flows under the engine and SNOpt (snopt_dyn.models.cnf, snopt_dyn.compare.tasks.flow)."""
 from __future__ import annotations
 
 import math
@@ -261,7 +261,7 @@ def test_state_part_of_the_kronecker_pairing_is_exact():
 
 def test_snopt_sgd_reduces_nll_on_diamonds():
     from snopt_dyn.datasets import load_diamonds
-    from snopt_dyn.flow import build_flow_model, evaluate_nll, flow_loss
+    from snopt_dyn.compare.tasks.flow import build_flow_model, evaluate_nll, flow_loss
     x = load_diamonds("train")[::40][:1024]  # a spread-out subset
     held = load_diamonds("val")[:512]
     model = build_flow_model(seed=0, hidden=(32, 32), rtol=1e-3, atol=1e-3)
@@ -281,7 +281,7 @@ def test_snopt_sgd_reduces_nll_on_diamonds():
 
 
 def test_flow_benchmark_runs_interleaved():
-    from snopt_dyn.flow import benchmark_flow
+    from snopt_dyn.compare.tasks.flow import benchmark_flow
     curves = benchmark_flow(("snopt", "adam@3e-3"), budget=0.5, max_train=512, max_test=64, eval_points=1,
                             batch_size=64, hidden=(8,), rtol=1e-3, atol=1e-3)
     result = curves.pop("_result")

@@ -1,5 +1,7 @@
-"""Small reference models, written the way users write them (plain torchdiffeq calls)."""
+"""Small reference models, written the way users write them (plain torchdiffeq / torchcde calls)."""
 from .cnf import CNF, CNFField, ConcatSquashLinear
 from .latent_ode import LatentODE, LatentODEFunc, ODERNN, ODERNNField, RecognitionRNN
+from .neural_cde import CDEFunc, NeuralCDE
 
-__all__ = ["CNF", "CNFField", "ConcatSquashLinear", "LatentODE", "LatentODEFunc", "RecognitionRNN", "ODERNN", "ODERNNField"]
+__all__ = ["CNF", "CNFField", "ConcatSquashLinear", "LatentODE", "LatentODEFunc", "RecognitionRNN", "ODERNN",
+           "ODERNNField", "CDEFunc", "NeuralCDE"]

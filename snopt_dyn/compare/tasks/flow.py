@@ -49,21 +49,30 @@ import torch
 from torch import Tensor, nn
 
 import snopt_dyn
-from .models.cnf import CNF
-from .tasks import Task
+from snopt_dyn.datasets import load_diamonds
+from snopt_dyn.models.cnf import CNF
+from .base import Task
 
 __all__ = ["FLOW_DEFAULTS", "FLOW_LRS", "FLOW_SNOPT", "FLOW_TUNING", "EVAL_TOL", "build_flow_model",
            "flow_loss", "evaluate_nll", "FlowTask", "build_flow_task", "benchmark_flow", "measure_tolerances"]
 
+
 #: Model and solver defaults of the diamonds flow.
 FLOW_DEFAULTS = dict(hidden=(64, 64), activation="tanh", T=1.0, method="dopri5", rtol=1e-4, atol=1e-4,
                      trace="hutchinson", noise="rademacher")
+
+
 #: Tolerance of the test evaluation (off the training clock).
 EVAL_TOL = 1e-5
 
+
 #: Learning rates (for snopt: of its base SGD) and SNOpt options; ``FLOW_TUNING`` says how.
 FLOW_LRS = {"snopt": 0.3, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1}
+
+
 FLOW_SNOPT = dict(damping=0.05, update_freq=50, num_samples=10)
+
+
 FLOW_TUNING = (
     "diamonds, batch 512, seed 0, test NLL (nats, exact trace, tol 1e-5) on all 5,394 test rows; every "
     "run interleaved with the others in one process, 1 torch thread, 2 shared cores. "
@@ -115,7 +124,6 @@ def evaluate_nll(model: CNF, x: Tensor, batch: int = 2048, exact: bool = True,
 
 
 def _load_diamonds(split_test: str = "test"):
-    from .datasets import load_diamonds
     xtr, xte = load_diamonds("train"), load_diamonds(split_test)
     info = dict(dim=int(xtr.shape[1]))
     return (xtr, torch.zeros(len(xtr))), (xte, torch.zeros(len(xte))), info
@@ -171,7 +179,7 @@ def benchmark_flow(optimizers: Sequence[str] = ("snopt", "adam", "sgd"), *, budg
     "nfe_backward"}`` rows (cumulative NFE), plus the raw :class:`snopt_dyn.compare.CompareResult`
     under the key ``"_result"``.
     """
-    from .compare import compare
+    from ..runner import compare  # the runner builds on tasks: imported when called
     task = build_flow_task(batch_size=batch_size, budget=budget, lrs=lrs, snopt=snopt, **model_options)
     task.prepare("cpu", max_train=max_train, max_test=max_test)
     result = compare(task, list(optimizers), budget=budget, seed=seed, eval_points=eval_points,
@@ -199,7 +207,6 @@ def measure_tolerances(tols: Sequence[float] = (1e-3, 1e-5), *, iters: int = 5, 
     (interleaved: one iteration at each tolerance in turn).  ``nll_error`` is the difference of the
     exact-trace NLL of ``n_eval`` test rows from the one at ``reference_tol``.
     """
-    from .datasets import load_diamonds
     xtr, xte = load_diamonds("train"), load_diamonds("test")[:n_eval]
     model = model if model is not None else build_flow_model(xtr.shape[1], seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -227,3 +234,12 @@ def measure_tolerances(tols: Sequence[float] = (1e-3, 1e-5), *, iters: int = 5, 
         model.rtol, model.atol = saved
         model.zero_grad(set_to_none=True)
     return rows
+
+
+TUNING = FLOW_TUNING
+
+
+def make_task(data: str) -> Task:
+    if data:
+        raise ValueError("--task flow runs on the vendored diamonds table only; --data is not supported")
+    return build_flow_task()

@@ -7,12 +7,20 @@ interrupted (whatever was trained so far is still summarised and written).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import Dict, List, Optional
 
-from .tasks import OPTIMIZER_HELP, OPTIMIZER_NAMES, TASKS
+from .optimizers import OPTIMIZER_HELP, OPTIMIZER_NAMES, parse_optimizer
+from .outputs import check_output_dir, write_outputs
+from .plots import import_pyplot
+from .runner import compare
+from .summary import format_table, machine_info, summarize
+from .tasks import TASKS, TaskError, get_task
 
 DEFAULT_OPTIMIZERS = "snopt,adam,sgd"
+
 
 EPILOG = """\
 what it does:
@@ -20,20 +28,25 @@ what it does:
   model (same initial weights), optimizer, data order (the same for all) and clock, and they take
   turns one iteration at a time. Only training iterations are timed; test evaluations are not.
   Prints a table (final/best test accuracy, time to the target accuracy, iterations/s, solver
-  evaluations per iteration) and writes <out>/curves.csv, <out>/results.json and
-  <out>/compare_<task>.png.
+  evaluations per iteration) and writes curves.csv, results.json and compare_<task>.png into a new
+  folder per run, ./snopt-dyn-results/<task>-<date>-<time>/ (or --out DIR).
 
-tasks:
+tasks (--data picks the data set where a task has several):
   timeseries  torchcde Neural CDE on UEA JapaneseVowels (default)
+              --data japanese_vowels | basic_motions | TRAIN.ts,TEST.ts (your own UEA files)
   image       torchdyn conv Neural ODE on a 4,000/1,000 MNIST subset
-  latent      ODE-RNN classifier on JapaneseVowels with 50%% of the observations dropped
+              --data mnist (default) | digits (sklearn 8x8 digits: quick, too easy to rank optimizers)
+  latent      ODE-RNN classifier on JapaneseVowels with 50% of the observations dropped
+              --data as for timeseries
+  flow        continuous normalizing flow (FFJORD-style CNF) on the diamonds table, test NLL
 
 optimizers:
 """ + "\n".join(f"  {k:<10}  {v}" for k, v in OPTIMIZER_HELP.items()) + """
 
 examples:
-  snopt-dyn compare                                  # timeseries, ~3-4 minutes on 2 cores
+  snopt-dyn compare                                  # timeseries, ~4 minutes on 2 cores
   snopt-dyn compare --task image --budget 30
+  snopt-dyn compare --task image --data digits --budget 20
   snopt-dyn compare --optimizers snopt,sgd --iters 200 --lr sgd=0.05
   snopt-dyn compare --data CharacterTrajectories_TRAIN.ts,CharacterTrajectories_TEST.ts
 """
@@ -53,7 +66,6 @@ class _UsageError(Exception):
 
 
 def _optimizer_list(text: str) -> List[str]:
-    from .compare import parse_optimizer
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     for name in names:
         try:
@@ -119,45 +131,70 @@ def _target(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``snopt-dyn`` argument parser (errors raise instead of exiting)."""
     parser = _Parser(prog="snopt-dyn", description="SNOpt, a second-order optimizer for neural ODEs/CDEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    cmp = sub.add_parser("compare", help="train one task with SNOpt, Adam and SGD, interleaved, and compare",
+    cmd = sub.add_parser("compare", help="train one task with SNOpt and baselines, interleaved, and compare",
                          description="Compare SNOpt with first-order optimizers in wall-clock time.",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmp.add_argument("--task", default="timeseries", choices=sorted(TASKS), help="what to train (default: timeseries)")
-    cmp.add_argument("--optimizers", type=_optimizer_list, default=_optimizer_list(DEFAULT_OPTIMIZERS),
-                     metavar="LIST", help=f"comma list from {','.join(OPTIMIZER_NAMES)} (default: {DEFAULT_OPTIMIZERS}); NAME@LR "
-                          "sets a run's learning rate, e.g. adam@1e-3,adam@3e-3 for a sweep")
-    limit = cmp.add_mutually_exclusive_group()
+    _add_run_arguments(cmd)
+    _add_output_arguments(cmd)
+    return parser
+
+
+def _add_run_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--task", default="timeseries", choices=list(TASKS), help="what to train (default: timeseries)")
+    cmd.add_argument("--data", default="", metavar="SOURCE",
+                     help="timeseries/latent: japanese_vowels (default), basic_motions or TRAIN.ts,TEST.ts (UEA "
+                          "files); image: mnist (default) or digits; flow: diamonds only")
+    cmd.add_argument("--optimizers", type=_optimizer_list, default=_optimizer_list(DEFAULT_OPTIMIZERS),
+                     metavar="LIST", help=f"comma list from {','.join(OPTIMIZER_NAMES)} (default: {DEFAULT_OPTIMIZERS}); "
+                          "NAME@LR sets a run's learning rate, e.g. adam@1e-3,adam@3e-3 for a sweep")
+    limit = cmd.add_mutually_exclusive_group()
     limit.add_argument("--budget", type=_positive_float, metavar="SECONDS",
-                       help="training-clock seconds per optimizer (default: the task's, 50 s: the whole run "
-                            "takes ~3-4 minutes on 2 cores)")
+                       help="training-clock seconds per optimizer (default: the task's)")
     limit.add_argument("--iters", type=_positive_int, metavar="N", help="iterations per optimizer instead of a time budget")
-    cmp.add_argument("--target", type=_target, metavar="ACC",
+    cmd.add_argument("--target", type=_target, metavar="ACC",
                      help="target accuracy for 'time to target', e.g. 0.93 or 93%% (default: the best final "
                           "accuracy of the first-order methods)")
-    cmp.add_argument("--seed", type=int, default=0, help="initial weights and data order, the same for every optimizer (default: 0)")
-    cmp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    cmp.add_argument("--threads", type=_positive_int, metavar="N",
+    cmd.add_argument("--seed", type=int, default=0, help="initial weights and data order, the same for every optimizer (default: 0)")
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    cmd.add_argument("--threads", type=_positive_int, metavar="N",
                      help="torch CPU threads (default: 1; the task models are small, and extra threads on a "
                           "shared machine cost far more than they give)")
-    cmp.add_argument("--batch-size", type=_positive_int, metavar="N", help="default: the task's (32 timeseries/latent, 64 image)")
-    cmp.add_argument("--lr", type=_lr_overrides, metavar="NAME=LR[,...]",
+    cmd.add_argument("--batch-size", type=_positive_int, metavar="N", help="default: the task's")
+    cmd.add_argument("--lr", type=_lr_overrides, metavar="NAME=LR[,...]",
                      help="override tuned learning rates, e.g. --lr adam=1e-3,sgd=0.05 (for snopt: its base SGD's)")
-    cmp.add_argument("--damping", type=_positive_float, help="SNOpt damping (default: the task's, 0.05)")
-    cmp.add_argument("--update-freq", type=_positive_int, metavar="N", help="SNOpt refresh interval (default: 50)")
-    cmp.add_argument("--data", default="", metavar="SOURCE",
-                     help="timeseries/latent: japanese_vowels (default), basic_motions, or TRAIN.ts,TEST.ts (UEA files)")
-    cmp.add_argument("--eval-points", type=_positive_int, metavar="N",
-                     help="test evaluations per optimizer over the budget (default: the task's, 25 timeseries/latent, "
-                          "15 image)")
-    cmp.add_argument("--out", default="./snopt-dyn-results", metavar="DIR", help="output folder (default: ./snopt-dyn-results)")
-    cmp.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bar or notes; still prints the table and file paths")
-    # for tests and quick checks: train/test on the first N examples only
-    cmp.add_argument("--max-train", type=_positive_int, help=argparse.SUPPRESS)
-    cmp.add_argument("--max-test", type=_positive_int, help=argparse.SUPPRESS)
-    return parser
+    cmd.add_argument("--damping", type=_positive_float, help="SNOpt damping (default: the task's, 0.05)")
+    cmd.add_argument("--update-freq", type=_positive_int, metavar="N", help="SNOpt refresh interval (default: the task's)")
+    cmd.add_argument("--eval-points", type=_positive_int, metavar="N",
+                     help="test evaluations per optimizer over the budget (default: the task's)")
+    # for tests and quick checks: train/test on N evenly spaced examples only
+    cmd.add_argument("--max-train", type=_positive_int, help=argparse.SUPPRESS)
+    cmd.add_argument("--max-test", type=_positive_int, help=argparse.SUPPRESS)
+
+
+def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--out", metavar="DIR",
+                     help="output folder (default: a new folder per run, ./snopt-dyn-results/<task>-<date>-<time>)")
+    cmd.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar or notes; still prints the table and file paths")
+
+
+RESULTS_ROOT = "snopt-dyn-results"
+
+
+def run_folder(task: str, out: Optional[str] = None, now: Optional[float] = None) -> str:
+    """``out`` when given, else a new ``./snopt-dyn-results/<task>-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... if
+    taken): one folder per run, so a run never overwrites another's results."""
+    if out is not None:
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = os.path.join(RESULTS_ROOT, f"{task}-{stamp}")
+    k = 2
+    while os.path.exists(path):
+        path, k = os.path.join(RESULTS_ROOT, f"{task}-{stamp}-{k}"), k + 1
+    return path
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -166,6 +203,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -180,73 +218,93 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _compare(args)
 
 
+class _Stop(Exception):
+    """A message and an exit code: the run cannot start."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 def _compare(args) -> int:
+    try:
+        task, device, out_dir = _check_setup(args)
+        _prepare(task, device, args)
+    except _Stop as stop:
+        return _fail(str(stop), stop.code)
+    try:
+        result = compare(task, args.optimizers, budget=args.budget, iters=args.iters, seed=args.seed,
+                         batch_size=args.batch_size, lrs=args.lr, snopt_options=_snopt_options(args),
+                         eval_points=args.eval_points, progress=not args.quiet)
+    except (TaskError, ValueError) as exc:
+        return _fail(str(exc))
+    return _report(result, args, device, out_dir)
+
+
+def _check_setup(args):
+    """Everything that can be checked before training: task, device, plotting, output folder."""
     import torch
-
-    from . import compare as cmp
-    from .tasks import TaskError, get_task
-
-    # 1. everything that can be checked before training
     try:
         task = get_task(args.task, args.data)
     except ValueError as exc:
-        return _fail(str(exc), 2)
+        raise _Stop(str(exc), 2) from None
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
-        return _fail(f"unknown device {args.device!r}; use cpu, cuda or cuda:N", 2)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail(f"--device {args.device}: CUDA is not available on this machine")
+        raise _Stop(f"unknown device {args.device!r}; use cpu, cuda or cuda:N", 2) from None
     if device.type not in ("cpu", "cuda"):
-        return _fail(f"--device {args.device}: only cpu and cuda are supported")
+        raise _Stop(f"--device {args.device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _Stop(f"--device {args.device}: CUDA is not available on this machine")
     if not args.no_plot:
         try:
-            cmp.import_pyplot()
+            import_pyplot()
         except ImportError as exc:
-            return _fail(str(exc))
+            raise _Stop(str(exc)) from None
     try:
-        out_dir = cmp.check_output_dir(args.out)
+        out_dir = check_output_dir(run_folder(task.name, args.out))
     except OSError as exc:
-        return _fail(str(exc))
+        raise _Stop(str(exc)) from None
+    return task, device, out_dir
+
+
+def _snopt_options(args) -> Dict[str, float]:
+    options = {}
+    if args.damping is not None:
+        options["damping"] = args.damping
+    if args.update_freq is not None:
+        options["update_freq"] = args.update_freq
+    return options
+
+
+def _prepare(task, device, args) -> None:
+    import torch
     if device.type == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
-
-    snopt_options = {}
-    if args.damping is not None:
-        snopt_options["damping"] = args.damping
-    if args.update_freq is not None:
-        snopt_options["update_freq"] = args.update_freq
     try:
         task.prepare(device, max_train=args.max_train, max_test=args.max_test)
     except (TaskError, ValueError, OSError) as exc:
-        return _fail(str(exc))
+        raise _Stop(str(exc)) from None
     if not args.quiet:
         limit = f"{args.iters} iterations" if args.iters else f"{args.budget or task.budget:g} s of training clock"
         print(f"snopt-dyn compare: task {task.name} ({task.description}; data {task.data}, "
               f"{task.info['n_train']} train / {task.info['n_test']} test), {', '.join(args.optimizers)}, "
               f"{limit} each, seed {args.seed}, {device}", file=sys.stderr)
 
-    # 2. train
-    try:
-        result = cmp.compare(task, args.optimizers, budget=args.budget, iters=args.iters, seed=args.seed,
-                             batch_size=args.batch_size, lrs=args.lr, snopt_options=snopt_options,
-                             eval_points=args.eval_points, progress=not args.quiet)
-    except (TaskError, ValueError) as exc:
-        return _fail(str(exc))
 
-    # 3. report
-    summary = cmp.summarize(result, args.target)
-    info = cmp.machine_info(device)
+def _report(result, args, device, out_dir: str) -> int:
+    task = result.task
+    summary = summarize(result, args.target)
+    info = machine_info(device)
     where = info.get("gpu") or f"{info['cores']} cores, {info['torch_threads']} torch thread(s)"
-    print(f"task {task.name}: {task.description} on {task.data} "
-          f"({task.info['n_train']} train / {task.info['n_test']} test) | {where} | torch {info['torch']} | "
-          f"seed {args.seed}")
-    print(cmp.format_table(result, summary), end="")
+    print(f"task {task.name}: {task.description} ({task.info['n_train']} train / {task.info['n_test']} test) | "
+          f"{where} | torch {info['torch']} | seed {args.seed}")
+    print(format_table(result, summary), end="")
     if not args.quiet:
         for note in dict.fromkeys(result.notes):
             print(f"note: {note}", file=sys.stderr)
     try:
-        paths = cmp.write_outputs(result, summary, out_dir, plot=not args.no_plot)
+        paths = write_outputs(result, summary, out_dir, plot=not args.no_plot)
     except OSError as exc:
         return _fail(f"could not write the results to {out_dir}: {exc}")
     for kind in ("curves", "results", "plot"):
