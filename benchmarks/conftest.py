@@ -12,7 +12,7 @@ SNOpt time-to-accuracy <= 0.5x) are never asserted: they are printed at the end 
 written, with the machine they were measured on, to ``.benchmarks/snopt-dyn-<mode>.json``.
 
 Why everything is interleaved: the speed of these shared machines drifts by up to 1.6x between
-identical runs (DESIGN.md §5), so two configurations timed one after the other measure the host.
+identical runs (docs/ARCHITECTURE.md, 'Measuring'), so two configurations timed one after the other measure the host.
 Every ratio here comes from configurations that take turns, round by round, in one process, and is
 the median of the per-round ratios.
 """
@@ -189,7 +189,8 @@ def _json_clean(obj):
 @pytest.fixture
 def record(benchmark):
     """``record(key, data, lines)``: keep ``data`` for the session's JSON file, attach it to
-    pytest-benchmark's ``extra_info`` and print ``lines`` (also in the terminal summary)."""
+    pytest-benchmark's ``extra_info`` and, in full mode only, print ``lines`` (also in the terminal
+    summary).  Quick mode prints no figures and no verdicts: its tiny runs are noise."""
 
     def _record(key: str, data: dict, lines: Sequence[str] = ()) -> None:
         data = _json_clean(dict(data, mode=MODE, load_average_after=load_average(),
@@ -199,9 +200,10 @@ def record(benchmark):
             if isinstance(v, (int, float, str, bool)) or v is None:
                 benchmark.extra_info[k] = v
         benchmark.extra_info["summary"] = " | ".join(lines)
-        print()
-        for line in lines:
-            print(f"[bench:{MODE}] {line}")
+        if FULL:
+            print()
+            for line in lines:
+                print(f"[bench:{MODE}] {line}")
 
     return _record
 
@@ -261,7 +263,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     info = machine()
     tr.write_line(f"machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, "
                   f"load average {_load_at_start} -> {load_average()}")
-    for key in sorted(_results):
-        for line in _results[key].get("summary", []):
-            tr.write_line(f"{key}: {line}")
+    if FULL:
+        for key in sorted(_results):
+            for line in _results[key].get("summary", []):
+                tr.write_line(f"{key}: {line}")
+    else:
+        tr.write_line(f"{len(_results)} measurements recorded and well formed: {', '.join(sorted(_results))}")
     tr.write_line(f"results: {path}")

@@ -11,7 +11,7 @@ circles of radius 1 and 2 (half each) with Gaussian radial noise.  The model is
 It trains for ``--seconds`` of wall clock (default 60) and writes a PNG with the data, the learned
 density and samples from the flow; the path is printed at the end.
 
-Run:  python examples/cnf_toy2d.py  [--seconds 60] [--out cnf_toy2d.png]
+Run:  python examples/cnf_toy2d.py  [--seconds 60] [--out snopt-dyn-results/cnf_toy2d.png]
 """
 import argparse
 import math
@@ -37,7 +37,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.5, help="learning rate of the base SGD")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="cnf_toy2d.png")
+    parser.add_argument("--out", default=os.path.join("snopt-dyn-results", "cnf_toy2d.png"),
+                        help="where the picture goes (default: snopt-dyn-results/cnf_toy2d.png, git-ignored)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small model: one thread is fastest on a shared machine
     torch.manual_seed(args.seed)

@@ -212,7 +212,29 @@ def test_unwritable_output(tmp_path, capsys):
 def test_no_command_and_help(capsys):
     assert cli.main([]) == 2
     assert cli.main(["compare", "--help"]) == 0
-    assert "interleaved" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "interleaved" in text
+    assert "%%" not in text and "50% of the observations" in text  # argparse does not %-format the epilog
+    for task in ("timeseries", "image", "latent", "flow"):  # every task, and the data choices
+        assert re.search(rf"^  {task}\s", text, flags=re.M), task
+    assert "digits" in text and "basic_motions" in text
+
+
+def test_every_run_gets_its_own_folder(tmp_path, monkeypatch, capsys):
+    """Without --out, each run writes into a new snopt-dyn-results/<task>-<date>-<time>/ folder."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.run_folder("image", "given/dir") == "given/dir"
+    first = cli.run_folder("image", now=0.0)
+    os.makedirs(first)
+    second = cli.run_folder("image", now=0.0)
+    assert first != second and os.path.dirname(first) == os.path.dirname(second) == cli.RESULTS_ROOT
+    assert os.path.basename(first).startswith("image-") and second.endswith("-2")
+    code, stdout, _ = run_main(capsys, "compare", "--task", "image", "--data", "digits", "--iters", "1",
+                               "--optimizers", "sgd", "--quiet", "--no-plot", *TINY)
+    assert code == 0
+    written = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("wrote ")]
+    root = os.path.join(str(tmp_path), cli.RESULTS_ROOT, "image-")
+    assert written and all(os.path.dirname(p).startswith(root) for p in written)
 
 
 class _FakeTask:

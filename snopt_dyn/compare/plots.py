@@ -1,6 +1,7 @@
 """The comparison's figure: test metric against training wall-clock, one line per optimizer."""
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING, List
 
 from .summary import fmt_metric, machine_info
@@ -42,7 +43,7 @@ def plot_curves(result: CompareResult, summary: dict, fh) -> None:
     plt = import_pyplot()
     task = result.task
     scale = 100.0 if task.metric == "accuracy" else 1.0
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     try:
         for run in result.runs:
             evals = run.evals
@@ -66,16 +67,17 @@ def plot_curves(result: CompareResult, summary: dict, fh) -> None:
             low = min(later) if target is None else min(min(later), scale * target)
             ax.set_ylim(max(0.0, low - 3), min(100.5, max(later) + 2))
         ax.set_xlabel("training wall-clock per optimizer [s] (evaluation excluded)")
-        ax.set_ylabel("test accuracy [%]" if task.metric == "accuracy" else f"test {task.metric}")
+        ax.set_ylabel("test accuracy [%]" if task.metric == "accuracy" else "test NLL [nats], lower is better" if task.metric == "nll" else f"test {task.metric}")
         info = machine_info(task.device)
         threads = result.settings.get("threads", info["torch_threads"])
         where = info.get("gpu") or f"{info['cores']} CPU cores, {threads} torch thread(s)"
         ratio = summary["snopt_time_ratio"]
         verdict = f" — SNOpt time-to-target {ratio:.2f}× best first-order" if ratio is not None else ""
-        ax.set_title(f"snopt-dyn compare --task {task.name}{verdict}\n{task.description}; {where}",
-                     fontsize=9)
+        subtitle = textwrap.fill(f"{task.description}; {where}", width=95)
+        ax.set_title(f"snopt-dyn compare --task {task.name}{verdict}\n{subtitle}", fontsize=8.5, loc="left")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        # outside the axes: a legend inside covered the ends of the curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(fh, format="png")
     finally:

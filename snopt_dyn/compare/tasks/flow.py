@@ -158,7 +158,7 @@ def build_flow_task(*, split_test: str = "test", batch_size: int = 512, budget: 
     return FlowTask(
         name="flow",
         description=f"FFJORD-style CNF (ConcatSquash {'-'.join(map(str, opts['hidden']))}, {opts['activation']}, "
-                    f"{opts['trace']} trace, {opts['method']} {opts['rtol']:g}) on diamonds (7-d)",
+                    f"{opts['trace']} trace, {opts['method']} {opts['rtol']:g}, 7-d)",
         batch_size=batch_size, budget=budget,
         lrs={**FLOW_LRS, **(lrs or {})}, snopt={**FLOW_SNOPT, **(snopt or {})},
         metric="nll", higher_is_better=False, eval_batch=2048,
