@@ -1,4 +1,4 @@
-"""Training the integration horizon T with a second-order feedback policy (DESIGN.md §2.5).
+"""Training the integration horizon T with a second-order feedback policy (derived below).
 
 Objective ``J(T, θ) = L + (λ/2) T²``.  With ``s = dL/dT`` (exact, from the engine adjoint),
 Gauss–Newton gives ``J_T = s + λT``, ``J_TT ≈ s² + λ`` and ``J_Tθ ≈ s ∇_θL``.  Minimising the quadratic

@@ -60,10 +60,10 @@ def parse_ts(
     """
     header: dict[str, str] = {}
     header_classes: list[str] | None = None
+    dimensions: int | None = None
     in_data = False
     series: list[np.ndarray] = []
     labels: list[str] = []
-    dimensions: int | None = None
     for line_number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -72,42 +72,51 @@ def parse_ts(
             if not line.startswith("@"):
                 raise ValueError(f"line {line_number}: expected a header line before @data")
             key, _, rest = line[1:].partition(" ")
-            key = key.lower()
-            rest = rest.strip()
-            if key == "data":
+            if key.lower() == "data":
                 in_data = True
-                if header.get("timestamps", "false").lower() == "true":
-                    raise ValueError("time-stamped .ts files (@timeStamps true) are not supported")
-                class_tokens = header.get("classlabel", "false").split()
-                if not class_tokens or class_tokens[0].lower() != "true":
-                    raise ValueError("only classification files (@classLabel true ...) are supported")
-                header_classes = class_tokens[1:] or None
-                if "dimensions" in header:
-                    dimensions = int(header["dimensions"])
-                elif header.get("univariate", "").lower() == "true":
-                    dimensions = 1
-                continue
-            header[key] = rest
+                header_classes, dimensions = _check_header(header)
+            else:
+                header[key.lower()] = rest.strip()
             continue
-        fields = line.split(":")
-        if len(fields) < 2:
-            raise ValueError(f"line {line_number}: expected dimensions and a class label")
-        *dims, label = fields
-        if dimensions is None:
-            dimensions = len(dims)
-        if len(dims) != dimensions:
-            raise ValueError(f"line {line_number}: {len(dims)} dimensions, expected {dimensions}")
-        columns = [[_to_float(v, line_number) for v in d.split(",")] for d in dims]
-        length = len(columns[0])
-        if any(len(c) != length for c in columns):
-            raise ValueError(f"line {line_number}: dimensions of one case have different lengths")
-        series.append(np.asarray(columns, dtype=np.float64).T)
-        labels.append(label.strip())
+        case, label = _parse_case(line, line_number, dimensions)
+        dimensions = case.shape[1]
+        series.append(case)
+        labels.append(label)
     if not in_data:
         raise ValueError("no @data section found")
     if not series:
         raise ValueError("no cases after @data")
     return series, labels, header, header_classes
+
+
+def _check_header(header: dict[str, str]) -> tuple[list[str] | None, int | None]:
+    """The declared class labels and dimension count; raises on files this loader does not read."""
+    if header.get("timestamps", "false").lower() == "true":
+        raise ValueError("time-stamped .ts files (@timeStamps true) are not supported")
+    class_tokens = header.get("classlabel", "false").split()
+    if not class_tokens or class_tokens[0].lower() != "true":
+        raise ValueError("only classification files (@classLabel true ...) are supported")
+    if "dimensions" in header:
+        dimensions = int(header["dimensions"])
+    elif header.get("univariate", "").lower() == "true":
+        dimensions = 1
+    else:
+        dimensions = None
+    return class_tokens[1:] or None, dimensions
+
+
+def _parse_case(line: str, line_number: int, dimensions: int | None) -> tuple[np.ndarray, str]:
+    """One ``dim1:dim2:...:label`` data line as an ``(L, C)`` array and its label."""
+    fields = line.split(":")
+    if len(fields) < 2:
+        raise ValueError(f"line {line_number}: expected dimensions and a class label")
+    *dims, label = fields
+    if dimensions is not None and len(dims) != dimensions:
+        raise ValueError(f"line {line_number}: {len(dims)} dimensions, expected {dimensions}")
+    columns = [[_to_float(v, line_number) for v in d.split(",")] for d in dims]
+    if any(len(c) != len(columns[0]) for c in columns):
+        raise ValueError(f"line {line_number}: dimensions of one case have different lengths")
+    return np.asarray(columns, dtype=np.float64).T, label.strip()
 
 
 def sort_class_labels(labels: Iterable[str]) -> list[str]:
