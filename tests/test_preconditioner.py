@@ -112,7 +112,7 @@ def test_update_equals_dense_formula():
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randn(5, 2, dtype=torch.float64)
     damping, alpha = 0.07, 0.6
-    precond = snopt_dyn.SNOpt(model, damping=damping, alpha=alpha, update_freq=10)
+    precond = snopt_dyn.SNOpt(model, damping=damping, alpha=alpha, update_freq=10, moment="paper")
     F.mse_loss(model(x), y).backward()
     layer = model[0]
     grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
@@ -132,11 +132,11 @@ def test_update_equals_dense_formula():
 
 
 def test_dense_formula_with_true_curvature_inverse():
-    """With alpha=1 the update is (mult·A⊗G + damping I)^-1 grad exactly."""
+    """moment="kfac": the update is (mult·A⊗G + damping I)^-1 grad exactly."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(2, 3, bias=False)).double()
     x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    precond = snopt_dyn.SNOpt(model, damping=0.1, alpha=1.0)
+    precond = snopt_dyn.SNOpt(model, damping=0.1, moment="kfac")
     F.mse_loss(model(x), y).backward()
     grad = model[0].weight.grad.clone()
     precond.step()
