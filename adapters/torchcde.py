@@ -3,9 +3,9 @@
 torchcde 0.2.5's ``cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs)`` wraps
 ``func`` in a ``_VectorField`` module (``func(t, z) @ dX/dt``) and calls ``torchdiffeq.odeint_adjoint``
 (``adjoint=True``) or ``torchdiffeq.odeint`` (``adjoint=False``), looked up on the ``torchdiffeq``
-module at call time.  So the torchdiffeq adapter's patch of those two module attributes, active
-while the wrapped model's forward runs, is all a Neural CDE needs, whichever way the user spelled
-the call (``torchcde.cdeint`` or ``from torchcde import cdeint``):
+module at call time.  The ``_VectorField`` *contains* the user's (wrapped) field, so the torchdiffeq
+adapter's stand-ins route it to the engine, whichever way the user spelled the call
+(``torchcde.cdeint`` or ``from torchcde import cdeint``) and wherever it is made:
 
 * ``adjoint=True``: torchcde's defaults (``atol=1e-6``, ``rtol=1e-4``, adjoint tolerances equal to
   them) and ``adjoint_params`` (often the spline coefficients too) reach the engine unchanged.
@@ -19,12 +19,13 @@ train_terminal_time=True)`` is refused for CDE models.
 """
 from __future__ import annotations
 
+from typing import List
+
 from torch import nn
 
-from ..wrapping import WrapOptions
 from . import torchdiffeq as _torchdiffeq
 
 
-def install(model: nn.Module, options: WrapOptions) -> None:
-    """Register the torchdiffeq adapter's hooks on ``model`` (idempotent)."""
-    _torchdiffeq.install(model, options)
+def install(model: nn.Module) -> List[str]:
+    """Install the torchdiffeq adapter's stand-ins (idempotent); return the solver attributes rebound."""
+    return _torchdiffeq.install(model)

@@ -16,7 +16,10 @@ Whatever ``sensitivity`` the NeuralODE was built with (``"autograd"``, ``"adjoin
 ``t_span`` (torchdyn's own adjoint gets ``dL/dt0`` wrong), visible to :class:`snopt_dyn.SNOpt`.  For
 ``"adjoint"``/``"interpolated_adjoint"`` the backward solve uses the NeuralODE's ``solver_adjoint``,
 ``atol_adjoint`` and ``rtol_adjoint``; for ``"autograd"`` it reuses the forward settings.
-:func:`snopt_dyn.wrap`'s ``method``/``rtol``/``atol`` override both.  ``trajectory`` also runs on
+:func:`snopt_dyn.wrap`'s ``method``/``rtol``/``atol`` override both.  As in torchdyn, an
+``"interpolated_adjoint"`` NeuralODE with an adaptive solver returns *every* point its solver
+stepped on (not only ``t_span``): wrapped, those points come from one extra forward solve without
+grad, and the engine then solves onto them.  ``trajectory`` also runs on
 the engine.  ``save_at`` is honoured for fixed-step solvers (adaptive ones ignore it, as in
 torchdyn); ``args`` is ignored as in torchdyn (its solvers never pass it to the field).
 
@@ -33,11 +36,13 @@ import torch
 from torch import Tensor
 
 from torchdyn.core.neuralde import NeuralODE
+from torchdyn.numerics.odeint import odeint as _torchdyn_odeint
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..terminal_time import attach_terminal_time, rescale_to_horizon, terminal_time_leaf
-from ..wrapping import WrapOptions
+from .. import hooks
+from ..interception import WrapOptions
 
 _ENGINE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "tsit5")
 _FIXED_STEP = ("euler", "midpoint", "rk4")
@@ -100,6 +105,8 @@ class _EngineSolveMixin:
         t_span = t_span.to(x.device)
         if options.train_terminal_time:
             t_span = rescale_to_horizon(t_span, terminal_time_leaf(self))
+        if self.sensitivity == "interpolated_adjoint" and settings["method"] not in _FIXED_STEP:
+            t_span = _solver_points(self.vf, x, t_span, settings)
         sol = _engine_odeint_adjoint(self.vf, x, t_span, backend="torchdyn", **settings)
         if settings["method"] in _FIXED_STEP and len(save_at) > 0:
             save_at = torch.as_tensor(save_at).to(t_span)
@@ -112,6 +119,24 @@ class _EngineSolveMixin:
     def trajectory(self, x: Tensor, t_span: Tensor) -> Tensor:
         x, t_span = self._prep_integration(x, t_span)
         return self.odeint(x, t_span)[1]
+
+
+def _solver_points(vf, x: Tensor, t_span: Tensor, settings: dict) -> Tensor:
+    """Every point torchdyn's adaptive solver steps on, as its ``interpolated_adjoint`` returns them.
+
+    Found by one extra solve without grad (so the forward costs twice a plain one), then written as a
+    piecewise-linear function of ``t_span`` so that time gradients still reach ``t_span``."""
+    with torch.no_grad(), hooks.phase(hooks.SOLVE):
+        points, _ = _torchdyn_odeint(vf, x, t_span.detach(), settings["method"], atol=settings["atol"],
+                                     rtol=settings["rtol"], return_all_eval=True)
+    knots = t_span.detach()
+    sign = 1.0 if bool(knots[-1] > knots[0]) else -1.0
+    points = points.to(knots)
+    keep = torch.cat([points.new_ones(1, dtype=torch.bool), sign * (points[1:] - points[:-1]) > 0])
+    points = points[keep]
+    seg = (torch.searchsorted(sign * knots, sign * points, right=True) - 1).clamp(0, len(knots) - 2)
+    frac = (points - knots[seg]) / (knots[seg + 1] - knots[seg])
+    return t_span[seg] + frac * (t_span[seg + 1] - t_span[seg])
 
 
 class EngineNeuralODE(_EngineSolveMixin, NeuralODE):
