@@ -1,32 +1,37 @@
-"""The engine adjoint: O(1)-memory gradients of an ODE solve, with a sampling hook.
+"""The engine adjoint: O(1)-memory gradients of an ODE solve, a drop-in for torchdiffeq's, with a
+sampling hook.
 
 The forward solve keeps no autograd graph.  The backward pass integrates the augmented state
-``[z, a, mu]`` (state, adjoint ``a = dL/dz``, accumulated parameter gradient) from the last output
-time to the first, adding ``dL/dz(t_i)`` at every output time, so memory does not grow with the
-number of solver steps.  Time gradients are exact: ``dL/dt_i = g_i . f(t_i, z_i)`` for ``i > 0``
-and ``dL/dt_0 = -a(t_0+) . f(t_0, z_0)`` (the adjoint just after ``t_0``, before the jump of the
-loss on ``z(t_0)`` itself, which does not depend on ``t_0``).
+``[z, a, mu, tau]`` (:mod:`snopt_dyn.augmented`) from the last output time to the first, adding
+``dL/dz(t_i)`` at every output time, so memory does not grow with the number of solver steps.  Time
+gradients are exact: ``dL/dt_i = g_i . f(t_i, z_i)`` for ``i > 0`` and ``dL/dt_0 = -a(t_0+) . f(t_0, z_0)``.
 
-Observers registered in :mod:`snopt_dyn.hooks` may ask for samples ``(t_j, z(t_j), a(t_j))`` on a
-backward pass; the sample times are added as extra output times of the backward solve (adaptive
-torchdiffeq solvers interpolate there, so their steps do not change).
+Conventions follow ``torchdiffeq.odeint_adjoint`` (signature, defaults rtol 1e-7 / atol 1e-9,
+``method=None`` meaning dopri5, 0-dim and tuple states, a single output time, callbacks, the error
+norms of :mod:`snopt_dyn.structure` and ``adjoint_options["norm"]``).  Observers registered in
+:mod:`snopt_dyn.hooks` may ask for samples ``(t_j, z(t_j), a(t_j))``; :mod:`snopt_dyn.sampling` gets
+them as dense outputs of the backward solve, which never changes its steps (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import hooks
+from .augmented import CALLBACKS, AugmentedDynamics
 from .errors import SolverError
+from .sampling import Sampler
 from .solvers import SolverBackend, get_backend
+from .structure import Structure, adjoint_norm
 
 State = Union[Tensor, Tuple[Tensor, ...]]
+_Structure = Structure  # the name older code imported
 
 DEFAULT_MAX_NFE = 100_000
 
@@ -47,40 +52,29 @@ class NFECounter:
 
 
 nfe = NFECounter()
+_warned = set()
 
 
-class _Structure:
-    """Flattens a tensor or a tuple of tensors into one 1-D state and back."""
-
-    def __init__(self, y0: State):
-        self.is_tuple = isinstance(y0, (tuple, list))
-        parts = tuple(y0) if self.is_tuple else (y0,)
-        self.shapes = [p.shape for p in parts]
-        self.sizes = [p.numel() for p in parts]
-        self.numel = sum(self.sizes)
-
-    def flatten(self, y: State) -> Tensor:
-        if not self.is_tuple:
-            return y.reshape(-1)
-        return torch.cat([p.reshape(-1) for p in y])
-
-    def unflatten(self, flat: Tensor, lead: Tuple[int, ...] = ()) -> State:
-        """``flat`` has shape ``lead + (numel,)``; returns parts of shape ``lead + shape``."""
-        if not self.is_tuple:
-            return flat.reshape(*lead, *self.shapes[0])
-        parts = torch.split(flat, self.sizes, dim=-1)
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 class _Field:
-    """The user's field on the flat state: checks the output shape, counts and caps evaluations."""
+    """The user's field on the flat state: checks the output shape, counts and caps evaluations,
+    and forwards the user's ``callback_step/_accept_step/_reject_step`` with the state's structure."""
 
-    def __init__(self, func: Callable, structure: _Structure, max_nfe: int):
+    def __init__(self, func: Callable, structure: Structure, max_nfe: int):
         self.func = func
         self.structure = structure
         self.max_nfe = max_nfe
         self.calls = 0
         self.pass_name = "forward"
+        for name in CALLBACKS:
+            callback = getattr(func, name, None)
+            if callback is not None:
+                setattr(self, name, lambda t0, y0, dt, _cb=callback: _cb(t0, structure.unflatten(y0), dt))
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.calls += 1
@@ -94,36 +88,47 @@ class _Field:
         else:
             nfe.backward += 1
         out = self.func(t, self.structure.unflatten(y))
-        if self.structure.is_tuple:
-            if not isinstance(out, (tuple, list)) or len(out) != len(self.structure.shapes) or any(
-                    o.shape != s for o, s in zip(out, self.structure.shapes)):
-                got = [tuple(o.shape) for o in out] if isinstance(out, (tuple, list)) else type(out).__name__
-                raise ValueError(f"func returned {got} but the state has shapes "
-                                 f"{[tuple(s) for s in self.structure.shapes]}; the field must return "
-                                 "dz/dt with the state's structure and shapes")
-        elif not isinstance(out, Tensor) or out.shape != self.structure.shapes[0]:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"func returned shape {got} but the state y0 has shape "
-                             f"{tuple(self.structure.shapes[0])}; the field must return dz/dt of the "
-                             "state's shape")
+        self._check(out)
         return self.structure.flatten(out)
+
+    def _check(self, out) -> None:
+        shapes = self.structure.shapes
+        if self.structure.is_tuple:
+            if not isinstance(out, (tuple, list)) or len(out) != len(shapes) or any(
+                    not isinstance(o, Tensor) or o.shape != s for o, s in zip(out, shapes)):
+                got = [tuple(getattr(o, "shape", ())) for o in out] if isinstance(out, (tuple, list)) \
+                    else type(out).__name__
+                raise ValueError(f"func returned {got} but the state has shapes {[tuple(s) for s in shapes]}; "
+                                 "the field must return dz/dt with the state's structure and shapes")
+        elif not isinstance(out, Tensor) or out.shape != shapes[0]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"func returned shape {got} but the state y0 has shape {tuple(shapes[0])}; "
+                             "the field must return dz/dt of the state's shape")
 
 
 @dataclass
 class _Setup:
     func: Callable
     field: _Field
-    structure: _Structure
+    structure: Structure
     backend: SolverBackend
+    t_host: List[float]
     method: str
     rtol: float
     atol: float
-    options: Optional[dict]
+    options: dict
+    state_norm: Optional[Callable]          # the forward norm on the flat state (None: the solver's own)
     adjoint_method: str
     adjoint_rtol: float
     adjoint_atol: float
-    adjoint_options: Optional[dict]
+    adjoint_options: dict
     seminorm: bool
+    adjoint_user_norm: Optional[Callable]   # adjoint_options["norm"] when a callable
+
+    def backward_norm(self, params: Sequence[Tensor]) -> Callable:
+        state_norm = self.state_norm or self.structure.state_norm()
+        return adjoint_norm(self.structure, [p.shape for p in params], state_norm, self.seminorm,
+                            self.adjoint_user_norm)
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -131,9 +136,12 @@ class _AdjointSolve(torch.autograd.Function):
     def forward(ctx, setup: _Setup, y0: Tensor, t: Tensor, *params: Tensor) -> Tensor:
         setup.field.pass_name = "forward"
         setup.field.calls = 0
-        with torch.no_grad(), hooks.phase(hooks.SOLVE):
-            ys = setup.backend.solve(setup.field, y0, t, method=setup.method, rtol=setup.rtol,
-                                     atol=setup.atol, options=setup.options)
+        if len(t) == 1:
+            ys = y0.detach()[None].clone()  # torchdiffeq: a single output time returns y0
+        else:
+            with torch.no_grad(), hooks.phase(hooks.SOLVE):
+                ys = setup.backend.solve(setup.field, y0, t, method=setup.method, rtol=setup.rtol,
+                                         atol=setup.atol, options=setup.options, norm=setup.state_norm)
         ctx.setup = setup
         ctx.save_for_backward(t, ys, *params)
         return ys
@@ -143,186 +151,219 @@ class _AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_ys: Tensor):
         setup: _Setup = ctx.setup
         t, ys, *params = ctx.saved_tensors
-        return (None,) + _backward(setup, t, ys, tuple(params), grad_ys, ctx.needs_input_grad)
+        return (None,) + _backward(setup, t.detach(), ys, tuple(params), grad_ys, ctx.needs_input_grad[2])
 
 
 def _backward(setup: _Setup, t: Tensor, ys: Tensor, params: Tuple[Tensor, ...], grad_ys: Tensor,
-              needs_input_grad) -> tuple:
-    n = ys.shape[1]
-    want_t = needs_input_grad[2]
-    if not torch.isfinite(grad_ys).all():
-        warnings.warn("odeint_adjoint received a non-finite loss gradient (NaN/Inf); returning NaN "
-                      "gradients without solving. Check the loss for overflow or log(0).", RuntimeWarning)
-        nan = float("nan")
-        return (torch.full_like(ys[0], nan), torch.full_like(t, nan) if want_t else None,
-                *(torch.full_like(p, nan) for p in params))
-
-    field = setup.field
-    field.pass_name = "backward"
-    field.calls = 0
-    func = setup.func
-    zeros = [torch.zeros_like(p) for p in params]
-    dtype = ys.dtype
-
-    def aug_dynamics(s: Tensor, aug: Tensor) -> Tensor:
-        z, a = aug[:n], aug[n:2 * n]
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            f = field(s.detach(), z)
-            vjps = torch.autograd.grad(f, (z,) + params, -a, allow_unused=True)
-        parts = [f.detach(), vjps[0] if vjps[0] is not None else torch.zeros_like(z)]
-        parts += [(v if v is not None else zr).reshape(-1).to(dtype) for v, zr in zip(vjps[1:], zeros)]
-        return torch.cat(parts)
-
-    def field_value(i: int) -> Tensor:
-        with torch.no_grad(), hooks.phase(hooks.SOLVE):
-            return field(t[i], ys[i])
-
-    # Who wants samples on this pass, and where.
-    requests = []
-    for obs in hooks.observers():
-        spec = obs.sample_spec(func)
-        if spec is not None:
-            times, weight = spec.times(float(t[0]), float(t[-1]))
-            requests.append((obs, times, weight, {}))
-
-    num_params = sum(p.numel() for p in params)
-    aug = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(num_params)])
+              want_t: bool) -> tuple:
+    """Integrate ``[z, a, mu, tau]`` back over every output segment; hand out the samples asked for."""
+    if not torch.isfinite(grad_ys).all():  # one host sync per backward pass
+        return _nan_gradients(ys, t, params, want_t)
+    n = setup.structure.numel
+    setup.field.pass_name = "backward"
+    setup.field.calls = 0
+    dyn = AugmentedDynamics(setup.field, params, n, setup.structure.unflatten, setup.func)
+    norm = setup.backward_norm(params)
+    sampler = Sampler(setup.func, setup.t_host)
+    aug = dyn.initial(ys[-1], grad_ys[-1])
     t_grad = torch.zeros_like(t) if want_t else None
-    if want_t:
-        t_grad[-1] = torch.dot(field_value(-1), grad_ys[-1]).to(t.dtype)
-
-    seminorm_dims = 2 * n if setup.seminorm else None
+    if want_t and len(t) > 1:
+        t_grad[-1] = _dot(_field_value(setup, t[-1], ys[-1]), grad_ys[-1]).to(t.dtype)
     for i in range(len(t) - 1, 0, -1):
-        lo, hi = sorted((float(t[i - 1]), float(t[i])))
-        inner = []  # (time, request, sample index) strictly inside this segment
-        boundary = []  # samples that fall on t[i-1]
-        for r, (_, times, _, _) in enumerate(requests):
-            for j, tj in enumerate(times.tolist()):
-                if lo < tj < hi and not math.isclose(tj, lo) and not math.isclose(tj, hi):
-                    inner.append((tj, r, j))
-                elif math.isclose(tj, float(t[i - 1])) or (i == len(t) - 1 and math.isclose(tj, float(t[i]))):
-                    boundary.append((tj, r, j, i - 1 if math.isclose(tj, float(t[i - 1])) else i))
-        # the inner sample times, ordered along the backward direction (from t[i] to t[i-1])
-        unique = sorted({x[0] for x in inner}, reverse=float(t[i]) > float(t[i - 1]))
-        position = {tj: k for k, tj in enumerate(unique, start=1)}  # several observers may share times
-        grid = torch.tensor([float(t[i])] + unique + [float(t[i - 1])], dtype=t.dtype, device=t.device)
-        backend, method, options = setup.backend, setup.adjoint_method, setup.adjoint_options
-        if unique and backend.is_adaptive(method) and not backend.interpolates:
-            # torchdyn's adaptive solvers step onto every output time: sampling would shorten the
-            # steps (5x the backward cost at 100 samples).  torchdiffeq's dopri5 interpolates there.
-            backend, method, options = get_backend("torchdiffeq"), "dopri5", None
-        with hooks.phase(hooks.SOLVE):
-            sol = backend.solve(aug_dynamics, aug, grid, method=method, rtol=setup.adjoint_rtol,
-                                atol=setup.adjoint_atol, options=options, seminorm_dims=seminorm_dims)
-        for tj, r, j in inner:
-            k = position[tj]
-            requests[r][3][j] = (sol[k][:n], sol[k][n:2 * n])
-        for _, r, j, idx in boundary:
-            state = ys[idx]
-            adj = sol[-1][n:2 * n] if idx == i - 1 else grad_ys[-1]
-            requests[r][3][j] = (state, adj)
-        aug = sol[-1].clone()
-        aug[:n] = ys[i - 1]  # the forward value: stops drift of the reconstructed state
+        aug = _solve_segment(setup, dyn, norm, sampler, t, ys, aug, i)
         if want_t:
-            fval = field_value(i - 1)
-            if i - 1 > 0:
-                t_grad[i - 1] = torch.dot(fval, grad_ys[i - 1]).to(t.dtype)
-            else:
-                t_grad[0] = -torch.dot(fval, aug[n:2 * n]).to(t.dtype)
+            value = _dot(_field_value(setup, t[i - 1], ys[i - 1]), grad_ys[i - 1] if i > 1 else -aug[n:2 * n])
+            t_grad[i - 1] = value.to(t.dtype)
         aug[n:2 * n] += grad_ys[i - 1]
-
-    for obs, times, weight, got in requests:
-        if len(got) != len(times):  # cannot happen unless times fall outside [t0, T]
-            raise RuntimeError("internal error: some sample times were not reached")
-        order = range(len(times))
-        states = torch.stack([got[j][0] for j in order])
-        adjoints = torch.stack([got[j][1] for j in order])
-        lead = (len(times),)
-        batch = hooks.SampleBatch(times=times.to(t.dtype), states=setup.structure.unflatten(states, lead),
-                                  adjoints=setup.structure.unflatten(adjoints, lead), weight=weight)
-        with torch.enable_grad(), hooks.phase(hooks.SAMPLE):
-            obs.on_samples(func, batch)
-
-    y0_grad = aug[n:2 * n]
-    param_grads, offset = [], 2 * n
-    for p in params:
-        param_grads.append(aug[offset:offset + p.numel()].view_as(p).to(p.dtype))
-        offset += p.numel()
+    if sampler:
+        sampler.deliver(setup.func, setup.structure.unflatten, t.dtype, ys.device)
+    y0_grad, param_grads = dyn.split(aug, params)
     return (y0_grad, t_grad, *param_grads)
 
 
-def _check_time(t, y0: Tensor) -> Tensor:
-    if not isinstance(t, Tensor):
-        t = torch.as_tensor(t, dtype=y0.dtype, device=y0.device)
-    if t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"t must be a 1-D tensor of at least 2 times (start and end), got shape {tuple(t.shape)}")
-    if not t.is_floating_point() or torch.finfo(t.dtype).bits < torch.finfo(y0.dtype).bits:
-        t = t.to(y0.dtype)  # times as precise as the state (differentiable, so time grads still flow)
-    if not torch.isfinite(t).all():
-        raise ValueError("t contains NaN or Inf; pass finite output times")
-    d = t[1:] - t[:-1]
-    if not ((d > 0).all() or (d < 0).all()):
-        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {t.tolist()}; "
-                         "remove repeated times and sort them")
-    return t
+def _solve_segment(setup: _Setup, dyn: AugmentedDynamics, norm: Callable, sampler: Sampler, t: Tensor,
+                   ys: Tensor, aug: Tensor, i: int) -> Tensor:
+    """The augmented state at ``t[i-1]`` from the one at ``t[i]``, reset to the forward ``z(t[i-1])``."""
+    n = setup.structure.numel
+    grid, dense = sampler.grid(i, t)
+    start = (ys[i], aug[n:2 * n].clone())
+    with hooks.phase(hooks.SOLVE):
+        sol = setup.backend.solve(dyn, aug, grid, method=setup.adjoint_method, rtol=setup.adjoint_rtol,
+                                  atol=setup.adjoint_atol, options=setup.adjoint_options, norm=norm,
+                                  seminorm_dims=2 * n if setup.seminorm else None, dense=dense)
+    sampler.record(i, sol, start, ys[i - 1], n)
+    aug = sol[-1].clone()
+    aug[:n] = ys[i - 1]  # the forward value: stops drift of the reconstructed state
+    return aug
 
 
-def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]], *, method: str = "dopri5",
-                   rtol: float = 1e-3, atol: float = 1e-3, backend: str = "torchdiffeq",
-                   options: Optional[dict] = None, adjoint_method: Optional[str] = None,
-                   adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
-                   adjoint_options: Optional[dict] = None, seminorm: bool = True,
-                   adjoint_params: Optional[Sequence[Tensor]] = None,
-                   max_nfe: int = DEFAULT_MAX_NFE) -> State:
-    """Solve ``dz/dt = func(t, z)``, ``z(t[0]) = y0``; return ``z`` at every time in ``t`` (time first).
+def _field_value(setup: _Setup, ti: Tensor, yi: Tensor) -> Tensor:
+    with torch.no_grad(), hooks.phase(hooks.SOLVE):
+        return setup.field(ti, yi)
 
-    Gradients come from the adjoint method at O(1) memory in the number of solver steps: for every
-    parameter of ``func`` that requires grad (or the tensors in ``adjoint_params``), for ``y0``, and
-    for every entry of ``t`` that requires grad.
 
-    Args:
-        func: the vector field ``func(t, z) -> dz/dt``; an ``nn.Module`` unless ``adjoint_params``
-            lists the tensors it depends on.
-        y0: the initial state, a tensor or a tuple of tensors.
-        t: strictly monotonic output times; the first is the initial time.
-        method, rtol, atol, options: the forward solver (names of the chosen ``backend``).
-        backend: ``"torchdiffeq"`` or ``"torchdyn"`` (its fixed-step solvers step on ``t``).
-        adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: the backward solver; default to
-            the forward's.
-        seminorm: measure the backward error on ``[z, a]`` only (Kidger et al. 2020); usually far
-            fewer backward steps at no loss of accuracy.
-        adjoint_params: tensors ``func`` depends on; default: ``func``'s parameters requiring grad.
-        max_nfe: a solve that needs more field evaluations than this raises :class:`SolverError`.
-    """
-    if not callable(func):
-        raise TypeError(f"func must be callable as func(t, z), got {type(func).__name__}")
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype))
+
+
+def _nan_gradients(ys: Tensor, t: Tensor, params: Sequence[Tensor], want_t: bool) -> tuple:
+    warnings.warn("odeint_adjoint received a non-finite loss gradient (NaN/Inf); returning NaN "
+                  "gradients without solving. Check the loss for overflow or log(0).", RuntimeWarning)
+    nan = float("nan")
+    return (torch.full_like(ys[0], nan), torch.full_like(t, nan) if want_t else None,
+            *(torch.full_like(p, nan) for p in params))
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_state(y0: State) -> Tuple[Tensor, ...]:
     parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
     if not parts or not all(isinstance(p, Tensor) and p.is_floating_point() for p in parts):
         raise TypeError("y0 must be a floating-point tensor or a tuple of them")
-    if any(p.dtype != parts[0].dtype for p in parts):
-        raise TypeError("all parts of a tuple y0 must share one dtype")
-    for p in parts:
-        if not torch.isfinite(p).all():
-            raise ValueError("y0 contains NaN or Inf; the initial state must be finite")
-    t = _check_time(t, parts[0])
-    solver = get_backend(backend)
-    solver.check_method(method)
+    if any(p.dtype != parts[0].dtype or p.device != parts[0].device for p in parts):
+        raise TypeError("all parts of a tuple y0 must share one dtype and one device")
+    if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):  # one sync per solve
+        raise ValueError("y0 contains NaN or Inf; the initial state must be finite")
+    return parts
+
+
+def _check_time(t, y0: Tensor) -> Tuple[Tensor, List[float]]:
+    """``t`` on ``y0``'s device (moved once) in at least its precision, and its values on the host
+    (read once per solve, so that nothing later synchronises per segment or per sample)."""
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=y0.dtype)
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be a 1-D tensor of output times (the first is the initial time), "
+                         f"got shape {tuple(t.shape)}")
+    if not t.is_floating_point() or torch.finfo(t.dtype).bits < torch.finfo(y0.dtype).bits:
+        t = t.to(y0.dtype)  # times as precise as the state (differentiable, so time grads still flow)
+    t_host = t.detach().cpu().tolist() if t.device.type != "cpu" else t.detach().tolist()
+    t = t.to(y0.device)
+    if not all(math.isfinite(x) for x in t_host):
+        raise ValueError("t contains NaN or Inf; pass finite output times")
+    d = [b - a for a, b in zip(t_host, t_host[1:])]
+    if d and not (all(x > 0 for x in d) or all(x < 0 for x in d)):
+        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {t_host}; "
+                         "remove repeated times and sort them")
+    return t, t_host
+
+
+def _adjoint_settings(method: str, options: Optional[dict], adjoint_method: Optional[str],
+                      adjoint_options: Optional[dict], seminorm: bool, backend: str) -> tuple:
+    """torchdiffeq's rules for the backward options; ``adjoint_options["norm"]`` wins over ``seminorm``.
+
+    Returns ``(adjoint_method, adjoint_options without "norm", seminorm, user norm or None)``."""
     adjoint_method = method if adjoint_method is None else adjoint_method
-    solver.check_method(adjoint_method)
+    if adjoint_options is None:
+        if adjoint_method != method and options:
+            raise ValueError("adjoint_method differs from method and options were given: the backward "
+                             "options cannot be inferred from the forward's; pass adjoint_options too "
+                             "(as torchdiffeq requires)")
+        adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}
+    adjoint_options = dict(adjoint_options)
+    norm = adjoint_options.pop("norm", None)
+    if norm is None:
+        return adjoint_method, adjoint_options, seminorm, None
+    if isinstance(norm, str):
+        if norm != "seminorm":
+            raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
+        return adjoint_method, adjoint_options, True, None
+    if not callable(norm):
+        raise TypeError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {type(norm).__name__}")
+    if backend != "torchdiffeq":
+        raise ValueError(f"backend {backend!r} takes no custom adjoint norm; use backend='torchdiffeq' or "
+                         "adjoint_options={'norm': 'seminorm'}")
+    if seminorm:
+        _warn_once("norm-over-seminorm", "odeint_adjoint: adjoint_options['norm'] is a callable, so "
+                                         "seminorm=True is ignored (the user's norm wins, as in torchdiffeq)")
+    return adjoint_method, adjoint_options, False, norm
+
+
+def _forward_settings(structure: Structure, options: Optional[dict], backend: SolverBackend, func) -> tuple:
+    """The forward options without ``"norm"``, and the forward norm on the flat state (None: the
+    solver's default, which equals torchdiffeq's for a tensor state)."""
+    options = dict(options or {})
+    user_norm = options.pop("norm", None)
+    if user_norm is not None and not callable(user_norm):
+        raise TypeError(f"options['norm'] must be a callable, got {type(user_norm).__name__}")
+    if backend.name != "torchdiffeq":
+        if user_norm is not None:
+            raise ValueError(f"backend {backend.name!r} takes no custom norm; use backend='torchdiffeq'")
+        if any(hasattr(func, name) or hasattr(func, name + "_adjoint") for name in CALLBACKS):
+            _warn_once("callbacks-torchdyn", f"odeint_adjoint: backend {backend.name!r} does not call the "
+                                             "func's callback_* methods; use backend='torchdiffeq' for them")
+    if user_norm is None and not structure.is_tuple:
+        return options, None
+    return options, structure.state_norm(user_norm)
+
+
+def _adjoint_params(func, adjoint_params) -> Tuple[Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise TypeError("func is not an nn.Module: pass adjoint_params=(tensors func depends on), "
                             "or make func a module so its parameters are found")
         adjoint_params = tuple(func.parameters())
-    params = tuple(p for p in adjoint_params if isinstance(p, Tensor) and p.requires_grad)
-    structure = _Structure(y0)
+    return tuple(p for p in adjoint_params if isinstance(p, Tensor) and p.requires_grad)
+
+
+def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]], *, rtol: Optional[float] = 1e-7,
+                   atol: Optional[float] = 1e-9, method: Optional[str] = None, options: Optional[dict] = None,
+                   event_fn: Optional[Callable] = None, adjoint_rtol: Optional[float] = None,
+                   adjoint_atol: Optional[float] = None, adjoint_method: Optional[str] = None,
+                   adjoint_options: Optional[dict] = None, adjoint_params: Optional[Sequence[Tensor]] = None,
+                   backend: str = "torchdiffeq", seminorm: bool = False,
+                   max_nfe: int = DEFAULT_MAX_NFE) -> State:
+    """Solve ``dz/dt = func(t, z)``, ``z(t[0]) = y0``; return ``z`` at every time in ``t`` (time first).
+
+    A drop-in for ``torchdiffeq.odeint_adjoint``: the same arguments, defaults and error control
+    (per-part RMS, maximum over parts, for the state and for the adjoint state).  Gradients come from
+    the adjoint method at O(1) memory in the number of solver steps, for every parameter of ``func``
+    that requires grad (or the tensors in ``adjoint_params``), for ``y0`` and for ``t``.
+
+    Args:
+        func: the vector field ``func(t, z) -> dz/dt``; an ``nn.Module`` unless ``adjoint_params``
+            lists the tensors it depends on.  Its ``callback_step``/``_accept_step``/``_reject_step``
+            (and ``*_adjoint`` forms, called with ``(t0, (tau, z, a, *mu), dt)``) are called as
+            torchdiffeq calls them (torchdiffeq backend).
+        y0: the initial state, a tensor or a tuple of tensors (0-dim parts allowed).
+        t: strictly monotonic output times; the first is the initial time.  A single time returns ``y0``.
+        rtol, atol, method, options: the forward solver (``method=None``: dopri5).
+        event_fn: not supported (raises ``NotImplementedError``).
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the backward solver; default to
+            the forward's (options without ``"norm"``).  ``adjoint_options["norm"]`` may be
+            ``"seminorm"`` or a callable, as in torchdiffeq; it wins over ``seminorm``.
+        adjoint_params: tensors ``func`` depends on; default: ``func``'s parameters requiring grad.
+        backend: ``"torchdiffeq"`` or ``"torchdyn"`` (its fixed-step solvers step on ``t``).
+        seminorm: measure the backward error without the parameter adjoints (Kidger et al. 2020).
+            Off by default, as in torchdiffeq.
+        max_nfe: a solve that needs more field evaluations than this raises :class:`SolverError`.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, z), got {type(func).__name__}")
+    if event_fn is not None:
+        raise NotImplementedError("odeint_adjoint(event_fn=...): terminal events are not supported by the "
+                                  "engine; call torchdiffeq.odeint_adjoint(func, y0, t, event_fn=...) for that "
+                                  "solve, or solve to a fixed horizon")
+    parts = _check_state(y0)
+    t, t_host = _check_time(t, parts[0])
+    method = "dopri5" if method is None else method
+    rtol, atol = (1e-7 if rtol is None else rtol), (1e-9 if atol is None else atol)
+    solver = get_backend(backend)
+    solver.check_method(method)
+    adjoint_method, adj_options, semi, user_adj_norm = _adjoint_settings(
+        method, options, adjoint_method, adjoint_options, seminorm, backend)
+    solver.check_method(adjoint_method)
+    params = _adjoint_params(func, adjoint_params)
+    structure = Structure(y0)
+    fwd_options, state_norm = _forward_settings(structure, options, solver, func)
     setup = _Setup(func=func, field=_Field(func, structure, max_nfe), structure=structure, backend=solver,
-                   method=method, rtol=rtol, atol=atol, options=options, adjoint_method=adjoint_method,
+                   t_host=t_host, method=method, rtol=rtol, atol=atol, options=fwd_options,
+                   state_norm=state_norm, adjoint_method=adjoint_method,
                    adjoint_rtol=rtol if adjoint_rtol is None else adjoint_rtol,
                    adjoint_atol=atol if adjoint_atol is None else adjoint_atol,
-                   adjoint_options=options if adjoint_options is None else adjoint_options,
-                   seminorm=seminorm)
+                   adjoint_options=adj_options, seminorm=semi, adjoint_user_norm=user_adj_norm)
     for obs in hooks.observers():
         obs.on_forward(func, parts[0], t)
     ys = _AdjointSolve.apply(setup, structure.flatten(y0), t, *params)

@@ -63,13 +63,18 @@ class SampleSpec:
         if self.count is not None and self.count < 1:
             raise ValueError(f"sample count must be at least 1, got {self.count}")
 
-    def times(self, t0: float, t1: float) -> Tuple[Tensor, float]:
-        """Sample times (float64, ordered from ``t0`` to ``t1``) and the quadrature weight."""
+    def host_times(self, t0: float, t1: float) -> Tuple[List[float], float]:
+        """Sample times as Python floats (ordered from ``t0`` to ``t1``) and the quadrature weight;
+        the engine plans its backward segments with these, without touching the device."""
         span = t1 - t0
         count = self.count if self.count is not None else max(1, int(round(abs(span) / self.step)))
         cell = span / count
-        times = t0 + cell * (torch.arange(count, dtype=torch.float64) + 0.5)
-        return times, abs(cell)
+        return [t0 + cell * (j + 0.5) for j in range(count)], abs(cell)
+
+    def times(self, t0: float, t1: float, device: Optional[torch.device] = None) -> Tuple[Tensor, float]:
+        """Sample times (float64, ordered from ``t0`` to ``t1``, on ``device``) and the quadrature weight."""
+        times, weight = self.host_times(t0, t1)
+        return torch.tensor(times, dtype=torch.float64, device=device), weight
 
 
 @dataclass
