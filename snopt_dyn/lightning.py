@@ -9,8 +9,8 @@
 The callback builds :class:`snopt_dyn.SNOpt` on the LightningModule when fitting starts,
 preconditions the gradients in ``on_before_optimizer_step`` (after ``backward`` and gradient
 accumulation, before gradient clipping and ``optimizer.step()``), steps a
-:class:`snopt_dyn.TerminalTimeOptimizer` after each optimizer step when asked to
-(``terminal_time={...}``), logs SNOpt's counters through the trainer's logger, and saves and
+:class:`snopt_dyn.TerminalTimeOptimizer` when asked to
+(``terminal_time={...}``) at the end of each batch whose optimizer step ran, logs SNOpt's counters through the trainer's logger, and saves and
 restores both states in Lightning checkpoints, so a resumed run continues exactly like an
 uninterrupted one.
 """
@@ -49,6 +49,7 @@ class SNOptCallback(pl.Callback):
         self.precond: Optional[SNOpt] = None
         self.horizon: Optional[TerminalTimeOptimizer] = None
         self._pending: Optional[dict] = None
+        self._stepped = False
 
     # ------------------------------------------------------------------------------ life cycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -76,16 +77,20 @@ class SNOptCallback(pl.Callback):
             raise RuntimeError("SNOptCallback: on_before_optimizer_step ran before on_fit_start; the callback "
                                "only supports Trainer.fit")
         self.precond.step()
+        self._stepped = True
         if self.log_diagnostics:
             d = self.precond.diagnostics()
             pl_module.log_dict({"snopt/steps": float(d["steps"]), "snopt/refreshes": float(d["refreshes"]),
                                 "snopt/step_time": float(d["step_time"]),
                                 "snopt/sampling_nfe": float(d["sampling_nfe"])}, on_step=True, on_epoch=False)
 
-    def on_before_zero_grad(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
-        """Lightning calls this right after ``optimizer.step()``: the place of the horizon update."""
-        if self.horizon is None:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                           batch_idx: int) -> None:
+        """After the batch whose optimizer step ran (Lightning has no hook right after
+        ``optimizer.step()``; ``on_before_zero_grad`` runs before the *next* backward)."""
+        if self.horizon is None or not self._stepped:
             return
+        self._stepped = False
         self.horizon.step()
         if self.log_diagnostics:
             pl_module.log_dict({f"snopt/T/{name or 'model'}": float(T) for name, T in self.horizon.horizons.items()},
