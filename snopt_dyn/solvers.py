@@ -159,7 +159,8 @@ class TorchdynBackend(SolverBackend):
         seminorm = (True, seminorm_dims) if seminorm_dims is not None else (False, None)
         times, every = odeint(f, y0, t, solver, atol=atol, rtol=rtol, seminorm=seminorm, return_all_eval=True)
         times = times.reshape(-1).to(t)
-        return (-times if t[-1] < t[0] else times), every  # torchdyn integrates a reversed span in negated time
+        # torchdyn integrates a reversed span in negated time (chosen on the device: no sync)
+        return torch.where(t[-1] < t[0], -times, times), every
 
 
 def _endpoint_grid(user_grid: Optional[Callable]) -> Callable:
