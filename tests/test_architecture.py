@@ -20,6 +20,8 @@ PACKAGES = {"snopt_dyn": ROOT / "snopt_dyn", "snopt_dyn.adapters": ROOT / "adapt
 MAIN_JOB = "snopt_dyn.compare"
 #: the user-facing entry points that may import the main job (and nothing in the engine may)
 ENTRY_POINTS = {"snopt_dyn.__main__"}
+#: optional integrations: they import their library at module level, and nothing imports them eagerly
+INTEGRATIONS = ("snopt_dyn.adapters", "snopt_dyn.lightning", "snopt_dyn.estimators")
 
 
 def discover_modules() -> Dict[str, Path]:
@@ -135,13 +137,15 @@ def test_the_engine_imports_no_optional_library_at_import_time():
     optional = ("torchdyn", "torchcde", "torchsde", "pytorch_lightning", "lightning", "sklearn", "matplotlib", "tqdm")
     offenders = []
     for name, path in discover_modules().items():
-        if in_main_job(name) or name.startswith("snopt_dyn.adapters") or name == "snopt_dyn.lightning":
+        if in_main_job(name) or name.startswith(INTEGRATIONS):
             continue
         for node in ast.parse(path.read_text()).body:  # module level only
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in optional]
     assert not offenders, offenders
+    eager = import_graph()["snopt_dyn"]
+    assert not [m for m in eager if m.startswith(INTEGRATIONS) or in_main_job(m)], eager
 
 
 def test_the_cycle_check_sees_a_deliberate_cycle():

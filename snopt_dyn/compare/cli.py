@@ -15,11 +15,13 @@ from typing import Dict, List, Optional
 from .optimizers import OPTIMIZER_HELP, OPTIMIZER_NAMES, parse_optimizer
 from .outputs import check_output_dir, write_outputs
 from .plots import import_pyplot
-from .runner import compare
-from .summary import format_table, machine_info, summarize
+from .runner import compare_seeds
+from .summary import machine_info, summarize
+from .table import format_table
 from .tasks import TASKS, TaskError, get_task
 
-DEFAULT_OPTIMIZERS = "snopt,adam,sgd"
+DEFAULT_OPTIMIZERS = "snopt,adamw-cosine,soap,sgd"
+DEFAULT_SEEDS = 3
 
 
 EPILOG = """\
@@ -157,7 +159,11 @@ def _add_run_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--target", type=_target, metavar="ACC",
                      help="target accuracy for 'time to target', e.g. 0.93 or 93%% (default: the best final "
                           "accuracy of the first-order methods)")
-    cmd.add_argument("--seed", type=int, default=0, help="initial weights and data order, the same for every optimizer (default: 0)")
+    cmd.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, metavar="K",
+                     help=f"run K seeds, each with every optimizer interleaved; the table shows medians and "
+                          f"[min, max] (default: {DEFAULT_SEEDS})")
+    cmd.add_argument("--seed", type=int, default=0,
+                     help="the first seed (initial weights and data order, the same for every optimizer; default: 0)")
     cmd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     cmd.add_argument("--threads", type=_positive_int, metavar="N",
                      help="torch CPU threads (default: 1; the task models are small, and extra threads on a "
@@ -233,9 +239,10 @@ def _compare(args) -> int:
     except _Stop as stop:
         return _fail(str(stop), stop.code)
     try:
-        result = compare(task, args.optimizers, budget=args.budget, iters=args.iters, seed=args.seed,
-                         batch_size=args.batch_size, lrs=args.lr, snopt_options=_snopt_options(args),
-                         eval_points=args.eval_points, progress=not args.quiet)
+        result = compare_seeds(task, args.optimizers, range(args.seed, args.seed + args.seeds), budget=args.budget,
+                               iters=args.iters, batch_size=args.batch_size, lrs=args.lr,
+                               snopt_options=_snopt_options(args), eval_points=args.eval_points,
+                               progress=not args.quiet)
     except (TaskError, ValueError) as exc:
         return _fail(str(exc))
     return _report(result, args, device, out_dir)
@@ -289,28 +296,28 @@ def _prepare(task, device, args) -> None:
         limit = f"{args.iters} iterations" if args.iters else f"{args.budget or task.budget:g} s of training clock"
         print(f"snopt-dyn compare: task {task.name} ({task.description}; data {task.data}, "
               f"{task.info['n_train']} train / {task.info['n_test']} test), {', '.join(args.optimizers)}, "
-              f"{limit} each, seed {args.seed}, {device}", file=sys.stderr)
+              f"{limit} each, {args.seeds} seed(s) from {args.seed}, {device}", file=sys.stderr)
 
 
-def _report(result, args, device, out_dir: str) -> int:
-    task = result.task
-    summary = summarize(result, args.target)
+def _report(results, args, device, out_dir: str) -> int:
+    task = results[0].task
+    summary = summarize(results, args.target)
     info = machine_info(device)
     where = info.get("gpu") or f"{info['cores']} cores, {info['torch_threads']} torch thread(s)"
     print(f"task {task.name}: {task.description} ({task.info['n_train']} train / {task.info['n_test']} test) | "
-          f"{where} | torch {info['torch']} | seed {args.seed}")
-    print(format_table(result, summary), end="")
+          f"{where} | torch {info['torch']} | seeds {', '.join(map(str, summary['seeds']))}")
+    print(format_table(results, summary), end="")
     if not args.quiet:
-        for note in dict.fromkeys(result.notes):
+        for note in dict.fromkeys(n for r in results for n in r.notes):
             print(f"note: {note}", file=sys.stderr)
     try:
-        paths = write_outputs(result, summary, out_dir, plot=not args.no_plot)
+        paths = write_outputs(results, summary, out_dir, plot=not args.no_plot)
     except OSError as exc:
         return _fail(f"could not write the results to {out_dir}: {exc}")
     for kind in ("curves", "results", "plot"):
         if kind in paths:
             print(f"wrote {paths[kind]}")
-    return 130 if result.interrupted else 0
+    return 130 if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

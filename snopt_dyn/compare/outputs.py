@@ -6,13 +6,10 @@ import json
 import math
 import os
 import tempfile
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
 from .plots import plot_curves
-from .summary import machine_info
-
-if TYPE_CHECKING:
-    from .runner import CompareResult
+from .summary import Results, _as_list, machine_info
 
 CSV_COLUMNS = ("optimizer", "iteration", "train_clock_s", "train_loss", "test_metric",
                "nfe_forward", "nfe_backward", "sampling_nfe")
@@ -80,22 +77,27 @@ def _json_clean(obj):
     return obj
 
 
-def write_outputs(result: CompareResult, summary: dict, out_dir: str, plot: bool = True) -> Dict[str, str]:
-    """Write ``curves.csv``, ``results.json`` and ``compare_<task>.png`` (atomically) into ``out_dir``."""
+def write_outputs(results: Results, summary: dict, out_dir: str, plot: bool = True) -> Dict[str, str]:
+    """Write ``curves.csv`` (one row per iteration of every run and seed), ``results.json`` (settings,
+    summary and every seed) and ``compare_<task>.png`` (atomically) into ``out_dir``."""
+    results = _as_list(results)
+    task = results[0].task
     out_dir = check_output_dir(out_dir)
     paths = {"curves": os.path.join(out_dir, "curves.csv"), "results": os.path.join(out_dir, "results.json")}
     if plot:
-        paths["plot"] = os.path.join(out_dir, f"compare_{result.task.name}.png")
+        paths["plot"] = os.path.join(out_dir, f"compare_{task.name}.png")
 
     def write_csv(fh):
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
-        for run in result.runs:
-            for row in run.rows:
-                writer.writerow([_csv_value(row[c]) for c in CSV_COLUMNS])
+        writer.writerow(("seed",) + CSV_COLUMNS)
+        for result in results:
+            for run in result.runs:
+                for row in run.rows:
+                    writer.writerow([run.seed] + [_csv_value(row[c]) for c in CSV_COLUMNS])
 
-    payload = dict(settings=result.settings, summary=summary, machine=machine_info(result.task.device),
-                   wall_s=result.wall_s, notes=result.notes, task_info=result.task.info,
+    payload = dict(settings=dict(results[0].settings, seeds=[r.settings.get("seed") for r in results]),
+                   summary=summary, machine=machine_info(task.device), wall_s=sum(r.wall_s for r in results),
+                   notes=sorted({n for r in results for n in r.notes}), task_info=task.info,
                    files={k: os.path.basename(v) for k, v in paths.items()})
 
     def write_json(fh):
@@ -103,7 +105,7 @@ def write_outputs(result: CompareResult, summary: dict, out_dir: str, plot: bool
         fh.write("\n")
 
     if plot:  # the figure first: it is the step most likely to fail (matplotlib)
-        _atomic_write(paths["plot"], lambda fh: plot_curves(result, summary, fh), binary=True)
+        _atomic_write(paths["plot"], lambda fh: plot_curves(results, summary, fh), binary=True)
     _atomic_write(paths["curves"], write_csv)
     _atomic_write(paths["results"], write_json)
     return paths

@@ -1,18 +1,18 @@
-"""The comparison's figure: test metric against training wall-clock, one line per optimizer."""
+"""The comparison's figure: test metric against training wall-clock, one line per optimizer (median over seeds)."""
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, List, Sequence
 
-from .summary import fmt_metric, machine_info
+from .summary import Results, _as_list, fmt_metric, machine_info
 
 if TYPE_CHECKING:
-    from .runner import CompareResult, Run
+    from .runner import Run
 
-COLORS = {"snopt": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c", "sgd-plain": "#9467bd"}
-
-
-LABELS = {"snopt": "SNOpt (SGD)", "adam": "Adam", "sgd": "SGD momentum", "sgd-plain": "SGD"}
+COLORS = {"snopt": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c", "sgd-plain": "#9467bd",
+          "adamw-cosine": "#ff7f0e", "muon": "#8c564b", "soap": "#17becf"}
+LABELS = {"snopt": "SNOpt (SGD)", "adam": "Adam", "sgd": "SGD momentum", "sgd-plain": "SGD",
+          "adamw-cosine": "AdamW cosine", "muon": "Muon + AdamW", "soap": "SOAP"}
 
 
 def _color(run: Run, runs: List[Run]):
@@ -38,47 +38,67 @@ def import_pyplot():
     return plt
 
 
-def plot_curves(result: CompareResult, summary: dict, fh) -> None:
-    """Test metric vs training wall-clock, one line per optimizer; the target as a dashed line."""
+def band(runs: Sequence["Run"], scale: float, points: int = 60):
+    """``(grid, median, low, high)`` of the runs' test curves (one run per seed) on a common time grid
+    up to the shortest run's clock (linear interpolation between evaluations)."""
+    import numpy as np
+    curves = [(np.array([e["train_clock_s"] for e in r.evals]), scale * np.array([e["test_metric"] for e in r.evals]))
+              for r in runs if len(r.evals) >= 2]
+    if not curves:
+        return None
+    end = min(x[-1] for x, _ in curves)
+    grid = np.linspace(0.0, end, points)
+    values = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, np.median(values, axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def plot_curves(results: Results, summary: dict, fh) -> None:
+    """Test metric vs training wall-clock: each optimizer's median over seeds, with a [min, max] band."""
     plt = import_pyplot()
-    task = result.task
+    results = _as_list(results)
+    task = results[0].task
     scale = 100.0 if task.metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     try:
-        for run in result.runs:
-            evals = run.evals
-            xs = [e["train_clock_s"] for e in evals]
-            ys = [scale * e["test_metric"] for e in evals]
-            r = next(s for s in summary["optimizers"] if s["optimizer"] == run.name)
-            label = f"{LABELS.get(run.kind, run.kind)}, lr {run.lr:g}"
-            ax.plot(xs, ys, marker="o", markersize=3, lw=1.8, color=_color(run, result.runs), label=label)
-            if r["time_to_target_s"] is not None:
-                hit = next(e for e in evals if e["train_clock_s"] == r["time_to_target_s"])
-                ax.plot([hit["train_clock_s"]], [scale * hit["test_metric"]], marker="*", markersize=14,
-                        color=_color(run, result.runs), markeredgecolor="black", zorder=5)
-        target = summary["target"]
-        if target is not None:
-            ax.axhline(scale * target, color="0.4", ls="--", lw=1,
-                       label=f"target {fmt_metric(target, task)} (★ = first reached)")
-        # frame: everything after the initial ramp (the first 20% of each run's clock) stays visible
-        later = [scale * e["test_metric"] for run in result.runs for e in run.evals
-                 if e["train_clock_s"] >= 0.2 * run.clock]
-        if later and task.metric == "accuracy":
-            low = min(later) if target is None else min(min(later), scale * target)
-            ax.set_ylim(max(0.0, low - 3), min(100.5, max(later) + 2))
-        ax.set_xlabel("training wall-clock per optimizer [s] (evaluation excluded)")
-        ax.set_ylabel("test accuracy [%]" if task.metric == "accuracy" else "test NLL [nats], lower is better" if task.metric == "nll" else f"test {task.metric}")
-        info = machine_info(task.device)
-        threads = result.settings.get("threads", info["torch_threads"])
-        where = info.get("gpu") or f"{info['cores']} CPU cores, {threads} torch thread(s)"
-        ratio = summary["snopt_time_ratio"]
-        verdict = f" — SNOpt time-to-target {ratio:.2f}× best first-order" if ratio is not None else ""
-        subtitle = textwrap.fill(f"{task.description}; {where}", width=95)
-        ax.set_title(f"snopt-dyn compare --task {task.name}{verdict}\n{subtitle}", fontsize=8.5, loc="left")
-        ax.grid(alpha=0.3)
-        # outside the axes: a legend inside covered the ends of the curves
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        first = results[0].runs
+        for i, run in enumerate(first):
+            same = [r.runs[i] for r in results]
+            curve = band(same, scale)
+            if curve is None:
+                continue
+            grid, med, low, high = curve
+            color = _color(run, first)
+            ax.plot(grid, med, lw=1.8, color=color, label=f"{LABELS.get(run.kind, run.kind)}, lr {run.lr:g}")
+            if len(results) > 1:
+                ax.fill_between(grid, low, high, color=color, alpha=0.15, lw=0)
+        _decorate(ax, results, summary, scale)
         fig.tight_layout()
         fig.savefig(fh, format="png")
     finally:
         plt.close(fig)
+
+
+def _decorate(ax, results, summary: dict, scale: float) -> None:
+    task = results[0].task
+    targets = [s["target"] for s in summary["per_seed"] if s["target"] is not None]
+    if targets:
+        target = sorted(targets)[len(targets) // 2]
+        ax.axhline(scale * target, color="0.4", ls="--", lw=1, label=f"target {fmt_metric(target, task)} "
+                   "(best baseline plateau" + (", median over seeds)" if len(targets) > 1 else ")"))
+    later = [scale * e["test_metric"] for r in results for run in r.runs for e in run.evals
+             if e["train_clock_s"] >= 0.2 * run.clock]
+    if later and task.metric == "accuracy":  # frame: everything after the initial ramp stays visible
+        ax.set_ylim(max(0.0, min(later) - 3), min(100.5, max(later) + 2))
+    ax.set_xlabel("training wall-clock per optimizer [s] (evaluation excluded)")
+    ax.set_ylabel("test accuracy [%]" if task.metric == "accuracy" else
+                  "test NLL [nats], lower is better" if task.metric == "nll" else f"test {task.metric}")
+    info = machine_info(task.device)
+    threads = results[0].settings.get("threads", info["torch_threads"])
+    where = info.get("gpu") or f"{info['cores']} CPU cores, {threads} torch thread(s)"
+    seeds = len(results)
+    subtitle = textwrap.fill(f"{task.description}; {where}; " + (f"median of {seeds} seeds, band = [min, max]"
+                             if seeds > 1 else "one seed"), width=95)
+    ax.set_title(f"snopt-dyn compare --task {task.name}\n{subtitle}", fontsize=8.5, loc="left")
+    ax.grid(alpha=0.3)
+    # outside the axes: a legend inside covered the ends of the curves
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -12,12 +12,12 @@ from .summary import fmt_metric
 
 
 def status(runs: List, task) -> str:
-    """``"training snopt 91.2% adam 90.1%"``: each run's latest test metric."""
+    """``"seed 0: snopt 91.2% adam 90.1%"``: each run's latest test metric."""
     parts = [f"{run.name} {fmt_metric(run.evals[-1]['test_metric'], task)}" for run in runs if run.evals]
-    return " ".join(["training"] + parts)
+    return " ".join([f"seed {runs[0].seed}:"] + parts)
 
 
-def progress_bar(enabled: bool, runs: List, budget: Optional[float], iters: Optional[int]):
+def progress_bar(enabled: bool, runs: List, budget: Optional[float], iters: Optional[int], seed: int = 0):
     """A tqdm bar on stderr counting training-clock seconds (or iterations) over all runs, or ``None``."""
     if not enabled:
         return None
@@ -25,7 +25,7 @@ def progress_bar(enabled: bool, runs: List, budget: Optional[float], iters: Opti
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar then
         return None
-    desc = "training " + "/".join(r.name for r in runs)
+    desc = f"seed {seed}: training " + "/".join(r.name for r in runs)
     if budget is not None:
         return tqdm(total=budget * len(runs), unit="s", desc=desc, file=sys.stderr, dynamic_ncols=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} train-s [{elapsed}<{remaining}]")

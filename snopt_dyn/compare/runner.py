@@ -13,13 +13,13 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 import snopt_dyn
-from .optimizers import OPTIMIZER_HELP, OPTIMIZER_NAMES, make_optimizer, parse_optimizer
+from .optimizers import OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, parse_optimizer, set_lr
 from .progress import progress_bar, status
 from .tasks.base import Task
 
@@ -50,6 +50,9 @@ class Run:
     done: bool = False
     next_eval: float = 0.0
     rows: List[dict] = field(default_factory=list)
+    lr_schedule: Optional[Callable[[float], float]] = None  # multiplier as a function of budget spent
+    seed: int = 0
+    _base_lrs: Dict[int, float] = field(default_factory=dict)
     _order: Optional[torch.Tensor] = None
     _pos: int = 0
 
@@ -101,6 +104,10 @@ def compare(task: Task, optimizers: Sequence[str], *, budget: Optional[float] = 
     """
     budget, eval_points = _check_limits(task, budget, iters, eval_points)
     specs = _check_optimizers(optimizers)
+    missing = [n for n, (kind, lr) in specs.items() if lr is None and kind not in {**task.lrs, **(lrs or {})}]
+    if missing:
+        raise ValueError(f"task {task.name!r} has no default learning rate for {', '.join(missing)}; "
+                         f"give one as NAME@LR (e.g. {missing[0]}@1e-3) or in lrs=")
     batch_size = batch_size or task.batch_size
     lrs = {**task.lrs, **(lrs or {})}
     snopt_kwargs = {**task.snopt, **(snopt_options or {})}
@@ -123,6 +130,18 @@ def compare(task: Task, optimizers: Sequence[str], *, budget: Optional[float] = 
     _interleave(result, schedule, progress)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def compare_seeds(task: Task, optimizers: Sequence[str], seeds: Sequence[int], **kwargs) -> List[CompareResult]:
+    """:func:`compare` once per seed (each seed's optimizers interleaved); stops early on Ctrl-C."""
+    if not seeds:
+        raise ValueError("give at least one seed")
+    results: List[CompareResult] = []
+    for seed in seeds:
+        results.append(compare(task, optimizers, seed=seed, **kwargs))
+        if results[-1].interrupted:
+            break
+    return results
 
 
 @dataclass(frozen=True)
@@ -169,8 +188,11 @@ def _make_run(task: Task, name: str, kind: str, lr: float, seed: int, batch_size
             warnings.simplefilter("always")
             precond = snopt_dyn.SNOpt(model, **snopt_kwargs)
         notes += [str(w.message) for w in caught]
-    return Run(name=name, kind=kind, lr=lr, model=model, optimizer=make_optimizer(kind, model, lr), precond=precond,
-               generator=torch.Generator().manual_seed(seed), batch_size=batch_size, n_train=task.n_train)
+    optimizer = make_optimizer(kind, model, lr)
+    return Run(name=name, kind=kind, lr=lr, model=model, optimizer=optimizer, precond=precond,
+               generator=torch.Generator().manual_seed(seed), batch_size=batch_size, n_train=task.n_train,
+               lr_schedule=lr_multiplier(kind), seed=seed,
+               _base_lrs={id(g): g["lr"] for g in optimizer.param_groups})
 
 
 def _check_identical_weights(runs: List[Run]) -> None:
@@ -185,7 +207,7 @@ def _check_identical_weights(runs: List[Run]) -> None:
 def _interleave(result: CompareResult, schedule: _Schedule, progress: bool) -> None:
     """The runs take turns one iteration at a time until every one is done (or Ctrl-C)."""
     task, runs = result.task, result.runs
-    bar = progress_bar(progress, runs, schedule.budget, schedule.iters)
+    bar = progress_bar(progress, runs, schedule.budget, schedule.iters, seed=runs[0].seed)
     try:
         for run in runs:  # evaluation before training, off the clock
             _record_eval(task, run, loss=None, nfe=(0, 0, 0))
@@ -237,6 +259,9 @@ def _train_iteration(task: Task, run: Run, device, schedule: _Schedule) -> None:
             run.precond.step()
         loss_value = float(loss.detach())
         if math.isfinite(loss_value):
+            if run.lr_schedule is not None:
+                spent = run.clock / budget if budget is not None else run.iters / iters
+                set_lr(run.optimizer, run._base_lrs, run.lr_schedule(spent))
             run.optimizer.step()
         _sync(device)
     except _DIVERGED as exc:  # this run diverged or its solver gave up: stop it, keep the others

@@ -1,104 +1,160 @@
-"""The numbers of a comparison: per-optimizer rows, the target, the verdict, and the printed table."""
+"""The numbers of a comparison over one or several seeds: per-run rows, per-optimizer medians and
+spreads, and the robust verdict of :mod:`.verdict`."""
 from __future__ import annotations
 
-import io
 import math
 import os
 import platform
-from typing import TYPE_CHECKING, Optional
+import statistics
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 
 import snopt_dyn
-from .optimizers import FIRST_ORDER
+from .optimizers import BASELINES
+from .verdict import Curve, SeedVerdict, better, plateau, seed_verdict, spread, time_to_reach, value_at, verdict_text
 
 if TYPE_CHECKING:  # annotations only: the runner builds on this module
-    from .runner import CompareResult
+    from .runner import CompareResult, Run
     from .tasks.base import Task
 
-# --------------------------------------------------------------------------------------- summary
-def fmt_metric(value: Optional[float], task: Task) -> str:
+Results = Union["CompareResult", Sequence["CompareResult"]]
+
+
+def fmt_metric(value: Optional[float], task: "Task") -> str:
+    """``94.59%`` for accuracies, ``-3.4567`` for other metrics, ``-`` when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{100 * value:.2f}%" if task.metric == "accuracy" else f"{value:.4f}"
 
 
-def _reached(value: float, target: float, higher: bool) -> bool:
-    # a small tolerance: accuracies are fractions of a finite test set (k / n), so compare counts
-    return value >= target - 1e-9 if higher else value <= target + 1e-9
+def metric_curve(run: "Run") -> Curve:
+    """``(clock, test metric)`` of every evaluation after training started."""
+    return [(e["train_clock_s"], e["test_metric"]) for e in run.evals if e["iteration"] > 0]
 
 
-def choose_target(result: CompareResult, target: Optional[float] = None):
-    """The target metric and where it came from: ``target`` if given, else the best *final*
-    metric of the first-order methods in the comparison (``None`` when there are none)."""
-    if target is not None:
-        return float(target), "given with --target"
-    higher = result.task.higher_is_better
-    finals = [r.evals[-1]["test_metric"] for r in result.runs if r.kind in FIRST_ORDER and r.evals]
-    if not finals:
-        return None, "no first-order method in the comparison and no --target"
-    best = max(finals) if higher else min(finals)
-    return best, "best final test metric of the first-order methods"
+def loss_curve(run: "Run") -> Curve:
+    """One point per evaluation interval: the mean training loss of its iterations."""
+    points, losses = [], []
+    for row in run.rows[1:]:
+        if row["train_loss"] is not None and math.isfinite(row["train_loss"]):
+            losses.append(row["train_loss"])
+        if row["test_metric"] is not None and losses:
+            points.append((row["train_clock_s"], sum(losses) / len(losses)))
+            losses = []
+    return points
 
 
-def summarize(result: CompareResult, target: Optional[float] = None) -> dict:
-    """The table's numbers: per optimizer, and the SNOpt / best-first-order time-to-target ratio."""
-    higher = result.task.higher_is_better
-    target, target_source = choose_target(result, target)
-    rows = []
-    for run in result.runs:
-        evals = run.evals
-        metrics = [e["test_metric"] for e in evals]
-        hit = None
-        if target is not None:
-            hit = next((e for e in evals if _reached(e["test_metric"], target, higher)), None)
-        iters = max(run.iters, 1)
-        # single evaluations are noisy: also report the mean over the last third of the run's clock
-        late = [e["test_metric"] for e in evals[1:] if e["train_clock_s"] >= 2 * run.clock / 3]
-        rows.append(dict(
-            optimizer=run.name, kind=run.kind, lr=run.lr, iterations=run.iters, train_clock_s=run.clock,
-            final_metric=metrics[-1] if metrics else None,
-            best_metric=(max(metrics) if higher else min(metrics)) if metrics else None,
-            late_mean_metric=sum(late) / len(late) if late else None,
-            time_to_target_s=hit["train_clock_s"] if hit else None,
-            iterations_to_target=hit["iteration"] if hit else None,
-            iters_per_s=run.iters / run.clock if run.clock > 0 else None,
-            nfe_per_iter=(run.nfe_forward + run.nfe_backward) / iters,
-            nfe_forward_per_iter=run.nfe_forward / iters,
-            nfe_backward_per_iter=run.nfe_backward / iters,
-            sampling_nfe_per_iter=run.sampling_nfe / iters if run.precond is not None else None,
-            sampling_nfe_total=run.sampling_nfe if run.precond is not None else None,
-            refreshes=run.precond.refreshes if run.precond is not None else None,
-            precond_time_s=run.precond.total_step_time if run.precond is not None else None,
-            status=run.status))
-    ratio, best_fo = None, None
-    reached = [r for r in rows if r["kind"] == "snopt" and r["time_to_target_s"] is not None]
-    snopt = min(reached, key=lambda r: r["time_to_target_s"]) if reached else \
-        next((r for r in rows if r["kind"] == "snopt"), None)
-    fo = [r for r in rows if r["kind"] in FIRST_ORDER and r["time_to_target_s"] is not None]
-    if fo:
-        best_fo = min(fo, key=lambda r: r["time_to_target_s"])
-    if snopt is not None and best_fo is not None and snopt["time_to_target_s"] is not None \
-            and best_fo["time_to_target_s"] > 0:
-        ratio = snopt["time_to_target_s"] / best_fo["time_to_target_s"]
-    late = [r for r in rows if r["late_mean_metric"] is not None]
-    best_late = None
-    fo_late = [r for r in late if r["kind"] in FIRST_ORDER]
-    if fo_late:
-        best_late = (max if higher else min)(fo_late, key=lambda r: r["late_mean_metric"])
-    sn_late = [r for r in late if r["kind"] == "snopt"]
-    sn_late = (max if higher else min)(sn_late, key=lambda r: r["late_mean_metric"]) if sn_late else None
-    return dict(target=target, target_source=target_source, metric=result.task.metric,
-                snopt_late_mean=sn_late["late_mean_metric"] if sn_late else None,
-                best_first_order_late_mean=best_late["late_mean_metric"] if best_late else None,
-                best_first_order_late=best_late["optimizer"] if best_late else None,
-                higher_is_better=higher, optimizers=rows,
-                snopt_time_ratio=ratio, snopt_run=snopt["optimizer"] if snopt else None,
-                best_first_order=best_fo["optimizer"] if best_fo else None,
-                interrupted=result.interrupted)
+def _as_list(results: Results) -> List["CompareResult"]:
+    return [results] if not isinstance(results, (list, tuple)) else list(results)
+
+
+def summarize(results: Results, target: Optional[float] = None) -> dict:
+    """The table's numbers for one comparison or a list of them (one per seed).
+
+    ``target`` fixes the target metric for every seed (default: each seed's best baseline plateau).
+    """
+    results = _as_list(results)
+    task = results[0].task
+    higher = task.higher_is_better
+    per_seed = [_seed_summary(r, target, higher) for r in results]
+    names = [run.name for run in results[0].runs]
+    optimizers = [_aggregate(name, [row for s in per_seed for row in s["runs"] if row["optimizer"] == name])
+                  for name in names]
+    verdict = _overall_verdict(per_seed, optimizers, task, higher)
+    return dict(metric=task.metric, higher_is_better=higher, seeds=[s["seed"] for s in per_seed],
+                target=target, target_source="given with --target" if target is not None else
+                "per seed: the best baseline's plateau (mean of its last third of evaluations)",
+                per_seed=per_seed, optimizers=optimizers, verdict=verdict,
+                interrupted=any(r.interrupted for r in results))
+
+
+def _seed_summary(result: "CompareResult", target: Optional[float], higher: bool) -> dict:
+    runs = result.runs
+    snopt = next((r.name for r in runs if r.kind == "snopt"), None)
+    baselines = [r.name for r in runs if r.kind in BASELINES]
+    curves = {r.name: metric_curve(r) for r in runs}
+    losses = {r.name: loss_curve(r) for r in runs}
+    test = _verdict(curves, snopt, baselines, higher, target)
+    train = _verdict(losses, snopt, baselines, False, None)
+    horizon = result.settings.get("budget_s") or min((r.clock for r in runs), default=0.0)
+    rows = [_run_row(r, curves[r.name], losses[r.name], test, train, horizon) for r in runs]
+    return dict(seed=runs[0].seed if runs else None, target=test.target, best_baseline=test.best_baseline,
+                fastest_baseline=test.fastest_baseline, ratio=test.ratio, loss_target=train.target,
+                loss_ratio=train.ratio, runs=rows)
+
+
+def _verdict(curves: Dict[str, Curve], snopt, baselines, higher: bool, target: Optional[float]) -> SeedVerdict:
+    if target is None:
+        return seed_verdict(curves, snopt, baselines, higher) if snopt else \
+            seed_verdict(curves, "", baselines, higher)
+    times = {n: time_to_reach(c, target, higher) for n, c in curves.items()}
+    reached = [b for b in baselines if times.get(b) is not None]
+    fastest = min(reached, key=lambda b: times[b]) if reached else None
+    ratio = None
+    if snopt and fastest is not None and times[fastest] > 0:
+        ratio = math.inf if times[snopt] is None else times[snopt] / times[fastest]
+    return SeedVerdict(target, None, fastest, {n: plateau(c) for n, c in curves.items()}, times, ratio)
+
+
+def _run_row(run: "Run", curve: Curve, losses: Curve, test: SeedVerdict, train: SeedVerdict, horizon: float) -> dict:
+    iters = max(run.iters, 1)
+    values = [v for _, v in curve]
+    precond = run.precond
+    return dict(
+        optimizer=run.name, kind=run.kind, lr=run.lr, seed=run.seed, iterations=run.iters,
+        train_clock_s=run.clock, final_metric=values[-1] if values else None,
+        plateau=test.plateaus.get(run.name), time_to_target_s=test.times.get(run.name),
+        at_quarter=value_at(curve, horizon / 4), at_half=value_at(curve, horizon / 2),
+        loss_plateau=train.plateaus.get(run.name), loss_time_to_target_s=train.times.get(run.name),
+        iters_per_s=run.iters / run.clock if run.clock > 0 else None,
+        nfe_per_iter=(run.nfe_forward + run.nfe_backward) / iters,
+        nfe_forward_per_iter=run.nfe_forward / iters, nfe_backward_per_iter=run.nfe_backward / iters,
+        sampling_nfe_per_iter=run.sampling_nfe / iters if precond is not None else None,
+        refreshes=precond.refreshes if precond is not None else None,
+        precond_time_s=precond.total_step_time if precond is not None else None, status=run.status)
+
+
+def _median(rows: List[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def _aggregate(name: str, rows: List[dict]) -> dict:
+    """One optimizer over the seeds: medians, and [min, max] of plateau and time to target."""
+    times = [r["time_to_target_s"] for r in rows]
+    bad = [f"seed {r['seed']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    out = dict(optimizer=name, kind=rows[0]["kind"], lr=rows[0]["lr"], seeds=len(rows),
+               plateau=spread([r["plateau"] for r in rows]),
+               time_to_target_s=spread([t if t is not None else math.inf for t in times]),
+               reached=sum(t is not None for t in times), status="; ".join(bad) or "ok")
+    for key in ("final_metric", "at_quarter", "at_half", "loss_plateau", "iters_per_s", "nfe_per_iter",
+                "nfe_forward_per_iter", "nfe_backward_per_iter", "sampling_nfe_per_iter", "train_clock_s",
+                "iterations"):
+        out[key] = _median(rows, key)
+    return out
+
+
+def _overall_verdict(per_seed: List[dict], optimizers: List[dict], task: "Task", higher: bool) -> dict:
+    snopt = next((o for o in optimizers if o["kind"] == "snopt"), None)
+    baselines = [o for o in optimizers if o["kind"] in BASELINES and o["plateau"] is not None]
+    best = (max if higher else min)(baselines, key=lambda o: o["plateau"][0]) if baselines else None
+    ratio = spread([s["ratio"] for s in per_seed])
+    loss_ratio = spread([s["loss_ratio"] for s in per_seed])
+    snopt_plateau = snopt["plateau"][0] if snopt and snopt["plateau"] else None
+    best_plateau = best["plateau"][0] if best else None
+    text = verdict_text(ratio, snopt_plateau, best_plateau, best["optimizer"] if best else None, higher,
+                        len(per_seed), with_ratio=sum(s["ratio"] is not None for s in per_seed),
+                        fmt=lambda v: fmt_metric(v, task))
+    faster = bool(ratio and ratio[0] < 1 and snopt_plateau is not None and best_plateau is not None
+                  and better(snopt_plateau, best_plateau, higher))
+    return dict(ratio=ratio, loss_ratio=loss_ratio, snopt_plateau=snopt_plateau,
+                best_baseline=best["optimizer"] if best else None, best_plateau=best_plateau,
+                faster=faster, text=text)
 
 
 def machine_info(device: torch.device) -> dict:
+    """Cores, threads, versions and device: printed with every result."""
     try:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -110,56 +166,3 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def format_table(result: CompareResult, summary: dict) -> str:
-    """The human-readable result: one row per optimizer, then the SNOpt verdict."""
-    task = result.task
-    metric = "acc" if task.metric == "accuracy" else task.metric
-    target = summary["target"]
-    header = ["optimizer", "lr", "iters", "train s", "it/s", f"final {metric}", f"best {metric}", "last 1/3 mean",
-              f"time to {fmt_metric(target, task) if target is not None else 'target'}",
-              "NFE/it", "fwd/bwd", "sampling NFE/it"]
-    lines = []
-    for r in summary["optimizers"]:
-        ttt = "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f} s"
-        if r["time_to_target_s"] is None and target is not None:
-            ttt = "not reached"
-        lines.append([r["optimizer"], f"{r['lr']:g}", str(r["iterations"]), f"{r['train_clock_s']:.1f}",
-                      f"{r['iters_per_s']:.2f}" if r["iters_per_s"] else "-",
-                      fmt_metric(r["final_metric"], task), fmt_metric(r["best_metric"], task),
-                      fmt_metric(r["late_mean_metric"], task), ttt,
-                      f"{r['nfe_per_iter']:.1f}",
-                      f"{r['nfe_forward_per_iter']:.1f}/{r['nfe_backward_per_iter']:.1f}",
-                      "-" if r["sampling_nfe_per_iter"] is None else f"{r['sampling_nfe_per_iter']:.2f}"])
-    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
-    out = io.StringIO()
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    out.write(fmt(header) + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    for row in lines:
-        out.write(fmt(row) + "\n")
-    if target is not None:
-        out.write(f"target {fmt_metric(target, task)}: {summary['target_source']}\n")
-    ratio = summary["snopt_time_ratio"]
-    snopt = next((r for r in summary["optimizers"] if r["optimizer"] == summary["snopt_run"]), None)
-    if ratio is not None:
-        verdict = "faster" if ratio < 1 else "slower"
-        out.write(f"SNOpt time-to-target / best first-order ({summary['best_first_order']}): "
-                  f"{ratio:.2f}x ({verdict})\n")
-    elif snopt is not None and target is not None:
-        if snopt["time_to_target_s"] is None:
-            out.write("SNOpt time-to-target / best first-order: n/a (SNOpt did not reach the target)\n")
-        else:
-            out.write("SNOpt time-to-target / best first-order: n/a (no first-order method reached the target)\n")
-    if summary["snopt_late_mean"] is not None and summary["best_first_order_late_mean"] is not None:
-        out.write(f"at equal time (mean test {metric} over the last third of each run): SNOpt "
-                  f"{fmt_metric(summary['snopt_late_mean'], task)} vs best first-order "
-                  f"({summary['best_first_order_late']}) {fmt_metric(summary['best_first_order_late_mean'], task)}\n")
-    for r in summary["optimizers"]:
-        if r["status"] != "ok":
-            out.write(f"note: {r['optimizer']} {r['status']}\n")
-    if summary["interrupted"]:
-        out.write("note: interrupted (Ctrl-C); the numbers cover the training done so far\n")
-    return out.getvalue()

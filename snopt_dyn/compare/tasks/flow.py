@@ -67,7 +67,7 @@ EVAL_TOL = 1e-5
 
 
 #: Learning rates (for snopt: of its base SGD) and SNOpt options; ``FLOW_TUNING`` says how.
-FLOW_LRS = {"snopt": 0.3, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1}
+FLOW_LRS = {"snopt": 0.3, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1, "adamw-cosine": 3e-3, "muon": 0.01, "soap": 3e-3}
 
 
 FLOW_SNOPT = dict(damping=0.05, update_freq=50, num_samples=10)
