@@ -23,6 +23,10 @@ def test_a_lucky_spike_does_not_count_as_reaching_the_target():
     assert [round(v, 4) for _, v in smoothed(spiky)][:2] == [0.65, 0.6833]
     assert time_to_reach(spiky, 0.99, higher=True) is None
     assert time_to_reach([(1, 3.0), (2, 2.0), (3, 1.0)], 2.0, higher=False) == 3  # lower is better
+    # measured on the image task: the plateau (mean of the last 4 of 12) is above every window of 3
+    noisy = list(enumerate([0.31, 0.63, 0.76, 0.83, 0.87, 0.898, 0.908, 0.906, 0.934, 0.912, 0.914, 0.926], start=1))
+    assert plateau(noisy) == pytest.approx(0.9215) and max(v for _, v in smoothed(noisy)) < 0.9215
+    assert time_to_reach(noisy, plateau(noisy), higher=True) == 12  # reached at its last evaluation
     assert value_at(spiky, 4.5) == pytest.approx((0.95 + 0.5 + 0.6) / 3) and value_at(spiky, 0.5) is None
 
 
