@@ -106,7 +106,8 @@ class _EngineSolveMixin:
         if options.train_terminal_time:
             t_span = rescale_to_horizon(t_span, terminal_time_leaf(self))
         if self.sensitivity == "interpolated_adjoint" and settings["method"] not in _FIXED_STEP:
-            t_span = _solver_points(self.vf, x, t_span, settings)
+            solver = self.solver if options.method is None else settings["method"]
+            t_span = _solver_points(self.vf, x, t_span, solver, settings)
         sol = _engine_odeint_adjoint(self.vf, x, t_span, backend="torchdyn", **settings)
         if settings["method"] in _FIXED_STEP and len(save_at) > 0:
             save_at = torch.as_tensor(save_at).to(t_span)
@@ -121,13 +122,14 @@ class _EngineSolveMixin:
         return self.odeint(x, t_span)[1]
 
 
-def _solver_points(vf, x: Tensor, t_span: Tensor, settings: dict) -> Tensor:
+def _solver_points(vf, x: Tensor, t_span: Tensor, solver, settings: dict) -> Tensor:
     """Every point torchdyn's adaptive solver steps on, as its ``interpolated_adjoint`` returns them.
 
-    Found by one extra solve without grad (so the forward costs twice a plain one), then written as a
+    Found by one extra solve without grad with the NeuralODE's own solver instance (its tableau's dtype
+    decides the steps), so the forward costs twice a plain one; then written as a
     piecewise-linear function of ``t_span`` so that time gradients still reach ``t_span``."""
     with torch.no_grad(), hooks.phase(hooks.SOLVE):
-        points, _ = _torchdyn_odeint(vf, x, t_span.detach(), settings["method"], atol=settings["atol"],
+        points, _ = _torchdyn_odeint(vf, x, t_span.detach(), solver, atol=settings["atol"],
                                      rtol=settings["rtol"], return_all_eval=True)
     knots = t_span.detach()
     sign = 1.0 if bool(knots[-1] > knots[0]) else -1.0
