@@ -33,7 +33,7 @@ from . import hooks
 from .curvature import checkpoint, distributed, ekfac
 from .curvature.batching import backward_pass_id
 from .curvature.lifecycle import LayerHooks, foreign_solver
-from .curvature.sampling import Sampler
+from .curvature.pairing import Sampler
 from .curvature.statistics import Factors, LayerStats, output_scale, stat_dtype
 from .errors import NonFiniteError
 from .layers import LayerKind, kind_of
@@ -104,6 +104,12 @@ class SNOpt(hooks.EngineObserver):
             ``"kfac"``; see :mod:`snopt_dyn.curvature.ekfac`.
         batch_size: the batch size of every solve, where the rule of
             :mod:`snopt_dyn.curvature.batching` cannot find it.
+        autograd_uses: also count the vector-Jacobian products that the field itself takes through
+            a layer (``torch.autograd.grad`` inside the field: CNF trace estimators, energy-based /
+            Hamiltonian fields) as uses of that layer (there ``W`` acts as ``Wᵀ δy``).  Without it
+            the factors see only the forward calls and miss that part of the gradient (measured
+            99% of the trace term's gradient of a CNF layer); with it the per-sample gradients
+            are exact.  Costs one more hook per layer on refresh iterations.
         static_layers: precondition layers outside vector fields too.
         skip: names (as in ``model.named_modules()``) or types of layers to leave untouched.
         raise_on_nonfinite: raise :class:`NonFiniteError` instead of warning on NaN/Inf.
@@ -116,7 +122,7 @@ class SNOpt(hooks.EngineObserver):
                  alpha: Schedule = 0.75, sample_step: Optional[float] = None,
                  num_samples: Optional[int] = None, loss_reduction: str = "mean",
                  moment: str = DEFAULT_MOMENT, batch_size: Optional[int] = None,
-                 static_layers: bool = True, skip: Iterable[Union[str, type]] = (),
+                 autograd_uses: bool = False, static_layers: bool = True, skip: Iterable[Union[str, type]] = (),
                  raise_on_nonfinite: bool = False):
         self._check_args(model, damping, update_freq, alpha, sample_step, num_samples, loss_reduction,
                          moment, batch_size)
@@ -128,12 +134,12 @@ class SNOpt(hooks.EngineObserver):
         self.steps = self.refreshes = self.last_samples = 0
         self.step_time = self.total_step_time = 0.0
         self._layers: Dict[nn.Module, _LayerState] = self._find_layers(model, skip)
-        self._sampler = Sampler(loss_reduction, batch_size)
+        self._sampler = Sampler(loss_reduction, batch_size, bool(autograd_uses))
         self._sampled = False  # whether any sampling evaluation ran in this refresh iteration
         self._warned_copies = False
         self._clear_stats()
         self._fields: "weakref.WeakSet" = weakref.WeakSet()
-        self._hooks = LayerHooks(self, self._layers)
+        self._hooks = LayerHooks(self, self._layers, pre_hooks=bool(autograd_uses))
         self._handle = hooks.register_observer(self)
         self._hooks.set_active(self.refreshing)
 
@@ -226,8 +232,8 @@ class SNOpt(hooks.EngineObserver):
         """Extra field evaluations spent on sampling (cumulative)."""
         return self._sampler.evaluations
 
-    def _add_ode(self, module: nn.Module, x: Tensor, g: Tensor, pass_id: int) -> None:
-        self._layers[module].ode.add(x, g, pass_id)
+    def _add_ode(self, module: nn.Module, x: Tensor, g: Tensor, pass_id: int, forward: bool) -> None:
+        self._layers[module].ode.add(x, g, pass_id, forward)
 
     def _disconnected(self, module: nn.Module) -> None:
         self._layers[module].ode.disconnected += 1
@@ -252,6 +258,12 @@ class SNOpt(hooks.EngineObserver):
         out.register_hook(lambda g: stats.add(rows, st.kind.output_rows(module, g.detach()).to(rows.dtype) * scale,
                                               backward_pass_id()))
         return out.clone()
+
+    def _on_layer_input(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        st = self._layers.get(module)
+        if st is None or hooks.current_phase() != hooks.SAMPLE:
+            return None
+        return self._sampler.tap_input(module, st.kind, x)
 
     def _warn_copy(self, module: nn.Module) -> None:
         if not self._warned_copies:
@@ -349,7 +361,7 @@ class SNOpt(hooks.EngineObserver):
             s_a, st.u_a = ekfac.eigh(f.a, st.name)
             s_g, st.u_g = ekfac.eigh(f.g, st.name)
             st.m2 = ekfac.kronecker_moment(s_g, s_a, f.mult)
-            st.samples = st.ode.uses // max(1, len(st.ode.passes)) if st.role == "ode" else 0
+            st.samples = st.ode.forward_uses // max(1, len(st.ode.passes)) if st.role == "ode" else 0
             self.last_samples = max(self.last_samples, st.samples)
             if self.moment == "per_sample":
                 moments.append((st, ekfac.per_sample_sums(st.u_g, st.u_a, f.per_sample)))

@@ -52,6 +52,18 @@ class _ForwardHook:
         return None
 
 
+class _ForwardPreHook(_ForwardHook):
+    """Forward pre-hook (``autograd_uses``): may replace the layer input by a tapped view."""
+
+    def __call__(self, module, inputs):
+        owner = self._ref()
+        if owner is not None and inputs and isinstance(inputs[0], Tensor):
+            x = owner._on_layer_input(module, inputs[0])
+            if x is not None:
+                return (x,) + tuple(inputs[1:])
+        return None
+
+
 def _remove_all(handles: List) -> None:
     for h in handles:
         h.remove()
@@ -59,10 +71,11 @@ def _remove_all(handles: List) -> None:
 
 
 class LayerHooks:
-    """Forward hooks on ``modules``, present only while :meth:`set_active` says so."""
+    """Forward hooks (and pre-hooks) on ``modules``, present only while :meth:`set_active` says so."""
 
-    def __init__(self, owner, modules: Iterable[nn.Module]):
+    def __init__(self, owner, modules: Iterable[nn.Module], pre_hooks: bool = False):
         self._owner = weakref.ref(owner)
+        self._pre = pre_hooks
         self._modules = list(modules)
         self._handles: List = []
         self._finalizer = weakref.finalize(owner, _remove_all, self._handles)
@@ -75,6 +88,8 @@ class LayerHooks:
         owner = self._owner()
         if active and not self._handles and owner is not None:
             self._handles.extend(m.register_forward_hook(_ForwardHook(owner)) for m in self._modules)
+            if self._pre:
+                self._handles.extend(m.register_forward_pre_hook(_ForwardPreHook(owner)) for m in self._modules)
         elif not active:
             _remove_all(self._handles)
 

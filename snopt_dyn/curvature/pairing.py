@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,36 +20,76 @@ from ..layers import Conv2dKind, LayerKind
 from .batching import backward_pass_id, chunk_size, per_sample_cotangents, solve_batch_size
 from .statistics import output_scale, stat_dtype
 
-Sink = Callable[[nn.Module, Tensor, Tensor, int], None]
+Sink = Callable[[nn.Module, Tensor, Tensor, int, bool], None]  # module, x rows, g rows, pass, forward use
 
 
 @dataclass
-class Call:
-    """One recorded layer call of a sampling evaluation."""
+class Use:
+    """One use of a layer in a sampling evaluation: its forward call, or (``autograd_uses``) a
+    vector-Jacobian product through it made by the field's own autograd call, where ``W`` acts as
+    ``Wᵀ`` on the output cotangent ``δy`` (CNF trace estimators, energy-based fields)."""
 
     module: nn.Module
     kind: LayerKind
-    rows: Tensor  # (n, L, d_in) input rows, detached
-    out: Tensor  # the layer's own output, untouched by later in-place ops
-    unbatched_conv: bool
+    rows: Tensor  # the side known at once: forward: (n, L, d_in) input rows; backward: δy rows
+    target: Tensor  # differentiated later: forward: the output; backward: δx = Wᵀ δy
+    forward: bool
+    unbatched_conv: bool = False
+
+    def pair(self, grad: Tensor, scale) -> Tuple[Tensor, Tensor]:
+        """``(x rows, g rows)`` of this use from the gradient w.r.t. :attr:`target` (``(m, ...)``
+        with ``m`` samples); the loss-dependent side carries ``scale``."""
+        dtype = self.rows.dtype
+        if self.forward:
+            g = self.kind.output_rows(self.module, grad).to(dtype) * scale
+            return self.rows, g
+        x = self.kind.input_rows(self.module, grad).to(dtype)
+        if self.module.bias is not None:  # the bias does not enter Wᵀ δy
+            x = torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
+        return x * scale, self.rows
 
 
 class Sampler:
     """Runs the sampling evaluations of one backward solve and feeds the statistics sinks."""
 
-    def __init__(self, reduction: str, batch_size: Optional[int]):
-        self.reduction, self.batch_size = reduction, batch_size
-        self.calls: Optional[List[Call]] = None  # not None while a sampling evaluation runs
+    def __init__(self, reduction: str, batch_size: Optional[int], autograd_uses: bool = False):
+        self.reduction, self.batch_size, self.autograd_uses = reduction, batch_size, autograd_uses
+        self.calls: Optional[List[Use]] = None  # not None while a sampling evaluation runs
+        self._pending: Dict[nn.Module, List[Tensor]] = {}
         self.evaluations = 0
 
     def record(self, module: nn.Module, kind: LayerKind, x: Tensor, out: Tensor) -> Optional[Tensor]:
-        """Keep one call; return the output the field continues with (a copy)."""
+        """Keep one forward call; return the output the field continues with (a copy)."""
         if self.calls is None or not out.requires_grad:
             return None
         rows = kind.input_rows(module, x.detach()).to(stat_dtype(x.dtype))
         unbatched = isinstance(kind, Conv2dKind) and x.dim() == kind.unbatched_dim
-        self.calls.append(Call(module, kind, rows, out, unbatched))
-        return out.clone()
+        self.calls.append(Use(module, kind, rows, out, True, unbatched))
+        copy = out.clone()
+        if self.autograd_uses:
+            copy.register_hook(lambda g, m=module: self._output_cotangent(m, g))
+        return copy
+
+    def tap_input(self, module: nn.Module, kind: LayerKind, x: Tensor) -> Optional[Tensor]:
+        """(``autograd_uses``) A view of the input whose gradient is this layer's ``Wᵀ δy`` alone."""
+        if self.calls is None or not self.autograd_uses or not x.requires_grad:
+            return None
+        view = x.view_as(x)
+        view.register_hook(lambda g, m=module, k=kind: self._input_cotangent(m, k, g))
+        return view
+
+    def _output_cotangent(self, module: nn.Module, g: Tensor) -> None:
+        if self.calls is not None:  # only inside the field's own autograd calls
+            self._pending.setdefault(module, []).append(g.detach())
+
+    def _input_cotangent(self, module: nn.Module, kind: LayerKind, g: Tensor) -> Optional[Tensor]:
+        pending = self._pending.get(module)
+        if self.calls is None or not pending or not g.requires_grad:
+            return None
+        dy = pending.pop()
+        dx = g.clone()
+        self.calls.append(Use(module, kind, kind.output_rows(module, dy).to(stat_dtype(dy.dtype)), dx, False))
+        return dx
 
     def run(self, func, batch, add: Sink, disconnected: Callable[[nn.Module], None]) -> None:
         """All J samples of ``batch`` (a :class:`snopt_dyn.hooks.SampleBatch`)."""
@@ -68,45 +108,46 @@ class Sampler:
             out = func(t, state)
         finally:
             calls, self.calls = self.calls, None
+            self._pending.clear()
         self.evaluations += 1
         return out, calls
 
     def _one(self, func, t, state, adjoint, weight, pass_id, add: Sink, disconnected) -> None:
-        out, calls = self._evaluate(func, t, state)
+        out, uses = self._evaluate(func, t, state)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         pairs = [(o, a) for o, a in zip(outs, adjoint) if isinstance(o, Tensor) and o.requires_grad]
         parts = state if isinstance(state, tuple) else (state,)
-        n = self.batch_size or solve_batch_size(parts, any(c.unbatched_conv for c in calls))
+        n = self.batch_size or solve_batch_size(parts, any(u.unbatched_conv for u in uses))
         if not pairs:
-            for c in calls:
-                disconnected(c.module)
+            for u in uses:
+                disconnected(u.module)
             return
         targets, cotangents = [o for o, _ in pairs], [a for _, a in pairs]
         scale = output_scale(self.reduction, n, weight)
-        own = [c for c in calls if n == 1 or c.rows.shape[0] == n]
-        shared = [c for c in calls if not (n == 1 or c.rows.shape[0] == n)]
+        own = [u for u in uses if n == 1 or u.kind.batched(u.target).shape[0] == n]
+        shared = [u for u in uses if not (n == 1 or u.kind.batched(u.target).shape[0] == n)]
         if own:
-            grads = torch.autograd.grad(targets, [c.out for c in own], cotangents, allow_unused=True,
+            grads = torch.autograd.grad(targets, [u.target for u in own], cotangents, allow_unused=True,
                                         retain_graph=bool(shared))
-            for c, g in zip(own, grads):
+            for u, g in zip(own, grads):
                 if g is None:
-                    disconnected(c.module)
+                    disconnected(u.module) if u.forward else None
                     continue
-                x, gr = c.rows, c.kind.output_rows(c.module, g).to(c.rows.dtype) * scale
-                if n == 1 and x.shape[0] != 1:
+                x, gr = u.pair(g, scale)
+                if x.shape[0] != gr.shape[0] or (n == 1 and x.shape[0] != 1):
                     x, gr = x.reshape(1, -1, x.shape[-1]), gr.reshape(1, -1, gr.shape[-1])
-                add(c.module, x, gr, pass_id)
+                add(u.module, x, gr, pass_id, u.forward)
         if shared:
-            grads = per_sample_grads(targets, cotangents, [c.out for c in shared], n)
-            for c, g in zip(shared, grads):
+            grads = per_sample_grads(targets, cotangents, [u.target for u in shared], n)
+            for u, g in zip(shared, grads):
                 if g is None:
-                    disconnected(c.module)
+                    disconnected(u.module) if u.forward else None
                     continue
-                lead = c.kind.batched(c.out)
-                flat = g.reshape((n * lead.shape[0],) + tuple(lead.shape[1:]))
-                gr = c.kind.output_rows(c.module, flat)
-                gr = gr.reshape(n, -1, gr.shape[-1])
-                add(c.module, c.rows.reshape(1, -1, c.rows.shape[-1]), gr.to(c.rows.dtype) * scale, pass_id)
+                lead = u.kind.batched(u.target)
+                x, gr = u.pair(g.reshape((n * lead.shape[0],) + tuple(lead.shape[1:])), scale)
+                per_sample, fixed = (1, n) if u.forward else (n, 1)  # the fixed side serves all samples
+                add(u.module, x.reshape(per_sample, -1, x.shape[-1]), gr.reshape(fixed, -1, gr.shape[-1]),
+                    pass_id, u.forward)
 
 
 def per_sample_grads(targets: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],
