@@ -15,6 +15,7 @@ them as dense outputs of the backward solve, which never changes its steps (docs
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -299,6 +300,18 @@ def _forward_settings(structure: Structure, options: Optional[dict], backend: So
     return options, structure.state_norm(user_norm)
 
 
+def _tolerance(name: str, value, default: float) -> float:
+    """A tolerance as a float (``None``: the default); per-part tuples are not supported."""
+    if value is None:
+        return default
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()  # once per solve
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise TypeError(f"{name} must be one non-negative number, got {value!r}; per-part tolerances "
+                        "(a tuple or tensor per state part) are not supported by the engine: pass one float")
+    return float(value)
+
+
 def _adjoint_params(func, adjoint_params) -> Tuple[Tensor, ...]:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
@@ -349,7 +362,9 @@ def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]],
     parts = _check_state(y0)
     t, t_host = _check_time(t, parts[0])
     method = "dopri5" if method is None else method
-    rtol, atol = (1e-7 if rtol is None else rtol), (1e-9 if atol is None else atol)
+    rtol, atol = _tolerance("rtol", rtol, 1e-7), _tolerance("atol", atol, 1e-9)
+    adjoint_rtol, adjoint_atol = _tolerance("adjoint_rtol", adjoint_rtol, rtol), \
+        _tolerance("adjoint_atol", adjoint_atol, atol)
     solver = get_backend(backend)
     solver.check_method(method)
     adjoint_method, adj_options, semi, user_adj_norm = _adjoint_settings(
@@ -361,8 +376,7 @@ def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]],
     setup = _Setup(func=func, field=_Field(func, structure, max_nfe), structure=structure, backend=solver,
                    t_host=t_host, method=method, rtol=rtol, atol=atol, options=fwd_options,
                    state_norm=state_norm, adjoint_method=adjoint_method,
-                   adjoint_rtol=rtol if adjoint_rtol is None else adjoint_rtol,
-                   adjoint_atol=atol if adjoint_atol is None else adjoint_atol,
+                   adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                    adjoint_options=adj_options, seminorm=semi, adjoint_user_norm=user_adj_norm)
     for obs in hooks.observers():
         obs.on_forward(func, parts[0], t)

@@ -26,7 +26,6 @@ class SolverBackend:
     """A way to integrate ``dy/dt = f(t, y)`` for a 1-D (flattened) state ``y``."""
 
     name: str = ""
-    interpolates: bool = False  # adaptive solvers reach extra output times without extra steps
 
     def check_method(self, method: str) -> None:
         """Raise ``ValueError`` naming the valid methods when ``method`` is unknown."""
@@ -51,7 +50,6 @@ class TorchdiffeqBackend(SolverBackend):
     """``torchdiffeq.odeint`` (any of its methods); adaptive solvers interpolate at output times."""
 
     name = "torchdiffeq"
-    interpolates = True
     _FIXED = {"euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "fixed_adams",
               "heun2", "heun3"}
 

@@ -363,3 +363,11 @@ def test_gradient_error_at_most_native_at_equal_tolerance(kind):
     print(f"\n[{kind}] tol, seminorm, ours, native, ratio")
     for tol, semi, eo, en in rows:
         print(f"  {tol:.0e} {semi!s:5} {eo:.3e} {en:.3e} {eo / max(en, 1e-300):.3f}")
+
+
+def test_per_part_tolerances_raise_a_clear_error():
+    with pytest.raises(TypeError, match="rtol must be one non-negative number"):
+        snopt_dyn.odeint_adjoint(Mixed(), (torch.zeros(3, 2, dtype=DT), torch.tensor(0.0, dtype=DT)), [0.0, 1.0],
+                                 rtol=(1e-5, 1e-3))
+    y = snopt_dyn.odeint_adjoint(MLP(), torch.zeros(2, 3, dtype=DT), [0.0, 1.0], rtol=torch.tensor(1e-5), atol=None)
+    assert y.shape == (2, 2, 3)
