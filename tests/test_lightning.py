@@ -81,15 +81,27 @@ SNOPT = dict(update_freq=3, damping=0.05, num_samples=4)
 HORIZON = dict(lr=0.1, reg=1e-3, update_freq=2)
 
 
-def test_callback_builds_preconditions_and_logs():
+def test_callback_builds_preconditions_and_logs(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
     learner, callback = Learner(), SNOptCallback(**SNOPT)
-    logged = {}
-    learner.log_dict = lambda d, **kw: logged.update(d)  # what the trainer's logger would receive
-    _fit(learner, callback, max_epochs=1)
-    assert callback.state_dict()["snopt"]["steps"] == 4  # 32 / 8 batches, one step() each
-    assert logged["snopt/steps"] == 4.0 and logged["snopt/refreshes"] == 2.0
-    roles = {name: s["role"] for name, s in callback.state_dict()["snopt"]["layers"].items()}
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(learner, _loader())
+    state = callback.state_dict()["snopt"]
+    assert state["steps"] == 4 and state["refreshes"] == 2  # 32 / 8 batches, one step() each
+    roles = {name: s["role"] for name, s in state["layers"].items()}
     assert roles["ode.field.net.0"] == "ode" and roles["head"] == "static"
+    lines = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+    header = lines[0].split(",")
+    for key in ("snopt/steps", "snopt/refreshes", "snopt/step_time", "snopt/sampling_nfe"):
+        assert key in header, header
+    steps = [float(row.split(",")[header.index("snopt/steps")]) for row in lines[1:]
+             if row.split(",")[header.index("snopt/steps")]]
+    assert steps == [1.0, 2.0, 3.0, 4.0], steps  # logged after each step()
 
 
 @pytest.mark.parametrize("horizon", [False, True], ids=["snopt", "snopt_and_terminal_time"])
