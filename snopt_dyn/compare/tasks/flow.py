@@ -82,7 +82,8 @@ FLOW_TUNING = (
     "Then the best two of each at 120 s, all five in one process: snopt 0.1 -4.43, 0.3 -4.50; "
     "adam 3e-3 -3.46 (best -3.61), 1e-2 -2.90 (best -3.15); sgd 0.01 1.37 (best -1.86) -> "
     "snopt 0.3, adam 3e-3, sgd 0.01. sgd-plain 0.1 was not tuned. "
-    "SNOpt damping 0.05, refresh every 50, 10 samples per solve: the other tasks' settings, not tuned."
+    "SNOpt damping 0.05, refresh every 50, 10 samples per solve: the other tasks' settings, not tuned. "
+    "adamw-cosine, soap and muon were not tuned here: Adam's rate for the first two, 0.01 for muon."
 )
 
 

@@ -61,7 +61,8 @@ def _build_odernn(info) -> nn.Module:
 
 
 TUNING = (
-        "batch 32, seed 0, two sweeps. "
+        "adamw-cosine, soap and muon were not tuned on this task: adamw-cosine and soap take Adam's tuned rate, muon 0.02. "
+    "batch 32, seed 0, two sweeps. "
         "snopt: 0.01 72.8, 0.03 73.5/73.4, 0.1 64.3 -> 0.03. "
         "adam: 1e-3 27.0, 3e-3 55.4, 1e-2 71.9/63.4, 3e-2 53.9 -> 1e-2. "
         "sgd (momentum 0.9): 1e-3 18.5, 3e-3, 0.01, 0.03 and 0.1 diverged (the hidden state "
