@@ -1,0 +1,66 @@
+"""Neural CDE estimators: torchcde's canonical model (:class:`snopt_dyn.models.NeuralCDE`) behind the
+scikit-learn API, trained with SNOpt by default."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from snopt_dyn.models import NeuralCDE
+from . import preprocessing
+from .heads import SeriesClassifier, SeriesRegressor
+
+__all__ = ["NeuralCDEClassifier", "NeuralCDERegressor", "PARAMETERS"]
+
+PARAMETERS = """
+    Parameters (stored by the constructor, used by ``fit``):
+        hidden: size of the hidden state z.
+        width: hidden width of the vector field's MLP (None: 64 for the Neural CDE, 32 for the ODE-RNN).
+        optimizer: ``"snopt"`` (SNOpt preconditioning plain SGD, the paper's setting), ``"adam"`` or
+            ``"sgd"`` (momentum 0.9).
+        lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value.
+        snopt_options: keyword arguments for :class:`snopt_dyn.SNOpt`, over the defaults
+            ``damping=0.05, update_freq=50, sample_step=1.0``.
+        batch_size, max_epochs: minibatch size and the most epochs.
+        max_time: training budget in seconds (steps and validation passes; checked after every step,
+            so ``fit`` may overrun by one step and one validation pass); None: no budget.
+        early_stopping, validation_fraction, n_iter_no_change, tol: hold out ``validation_fraction`` of
+            the fit series (stratified for classifiers), stop after ``n_iter_no_change`` epochs without
+            the validation loss improving by ``tol``, keep the weights of the best validation loss.
+        rtol, atol: tolerances of the dopri5 solves (forward and adjoint).
+        warm_start: a second ``fit`` continues from the fitted weights and preprocessing.
+        random_state: seed (int), ``RandomState`` or None; fixes initialisation, split and batch order.
+        device: torch device for training and prediction (``"cpu"``, ``"cuda"``, ...).
+        verbose: 0 silences the tqdm progress bar (one bar over epochs); 2 keeps it after ``fit``.
+
+    Fitted attributes: ``model_`` (the wrapped torch module), ``scaling_`` (preprocessing statistics),
+    ``n_features_in_`` (channels), ``n_iter_`` (epochs), ``n_steps_``, ``loss_curve_``,
+    ``validation_loss_curve_``, ``best_validation_loss_``, ``stopped_by_`` (``"max_epochs"``,
+    ``"early_stopping"`` or ``"max_time"``), ``fit_time_`` (seconds), ``device_``, ``history_``.
+"""
+
+
+class _CDE:
+    """Inputs and model of the Neural CDE estimators."""
+
+    def _encode(self, data, scaling: preprocessing.Scaling) -> Tensor:
+        return preprocessing.cde_coefficients(data, scaling)
+
+    def _build(self, channels: int, outputs: int) -> nn.Module:
+        width = 64 if self.width is None else int(self.width)
+        return NeuralCDE(channels + 1, int(self.hidden), outputs, width=width, rtol=self.rtol, atol=self.atol)
+
+
+class NeuralCDEClassifier(_CDE, SeriesClassifier):
+    __doc__ = """Neural CDE time-series classifier (Kidger et al. 2020) trained with SNOpt.
+
+    Standardised series plus a time channel -> Hermite cubic spline X; ``z0 = Linear(X(t0))``,
+    ``dz = f(z) dX`` solved with dopri5 on the engine adjoint; logits ``= Linear(z(T))``.  Inputs:
+    see :mod:`snopt_dyn.estimators.inputs` (3-D arrays, variable-length lists, NaN, ``times=``).
+""" + PARAMETERS + """    ``classes_``: the labels, sorted.
+"""
+
+
+class NeuralCDERegressor(_CDE, SeriesRegressor):
+    __doc__ = """Neural CDE time-series regressor: as :class:`NeuralCDEClassifier`, with a linear
+    read-out of ``y`` (``(n,)`` or ``(n, k)``, standardised on the fit targets) and squared error.
+""" + PARAMETERS + """    ``n_outputs_``, ``target_scaling_`` (mean, std of the fit targets).
+"""

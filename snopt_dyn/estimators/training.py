@@ -1,0 +1,194 @@
+"""The shared training loop: optimizer (SNOpt on SGD by default), early stopping, time budget, progress.
+
+The SNOpt settings are the main job's time-series task's (``damping=0.05, update_freq=50,
+sample_step=1.0`` on plain SGD); ``snopt_options`` overrides them key by key.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import snopt_dyn
+
+__all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "Budget", "History", "make_optimizer", "validation_split", "train"]
+
+#: optimizer names the estimators accept
+OPTIMIZERS = ("snopt", "adam", "sgd")
+#: SNOpt's keyword arguments unless ``snopt_options`` says otherwise
+SNOPT_DEFAULTS = dict(damping=0.05, update_freq=50, sample_step=1.0)
+
+BatchLoss = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, snopt_options: Optional[dict],
+                   model_defaults: Optional[dict] = None):
+    """``(torch optimizer, SNOpt or None)``: SNOpt preconditions plain SGD (the paper's setting);
+    ``"sgd"`` is SGD with momentum 0.9.  SNOpt gets :data:`SNOPT_DEFAULTS`, then the model's own
+    defaults (``model_defaults``), then ``snopt_options``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr), None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9), None
+    if name == "snopt":
+        options = {**SNOPT_DEFAULTS, **(model_defaults or {}), **(snopt_options or {})}
+        return torch.optim.SGD(params, lr=lr), snopt_dyn.SNOpt(model, **options)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def validation_split(n: int, fraction: float, rng: np.random.RandomState,
+                     labels: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` indices; stratified by ``labels`` when every class has 2+ members."""
+    n_val = int(math.ceil(fraction * n))
+    if n - n_val < 1 or n_val < 1:
+        raise ValueError(f"validation_fraction={fraction} leaves no series to train or validate on "
+                         f"(n_samples = {n}); pass more series or early_stopping=False")
+    from sklearn.model_selection import StratifiedShuffleSplit, ShuffleSplit
+
+    stratify = labels is not None
+    if stratify:
+        counts = np.bincount(labels)
+        counts = counts[counts > 0]
+        stratify = counts.min() >= 2 and n_val >= len(counts) and n - n_val >= len(counts)
+        if not stratify:
+            warnings.warn(f"validation split not stratified: a class has fewer than 2 series or the validation "
+                          f"set ({n_val}) is smaller than the number of classes ({len(counts)}); pass more "
+                          "series, a larger validation_fraction or early_stopping=False", UserWarning, stacklevel=4)
+    splitter = (StratifiedShuffleSplit if stratify else ShuffleSplit)(1, test_size=n_val, random_state=rng)
+    train, val = next(splitter.split(np.zeros((n, 1)), labels if stratify else None))
+    return np.sort(train), np.sort(val)
+
+
+@dataclass
+class Budget:
+    """When training stops: ``max_epochs``, ``max_time`` seconds, or ``n_iter_no_change`` epochs
+    without the validation loss improving by more than ``tol``."""
+
+    max_epochs: int
+    max_time: Optional[float]
+    n_iter_no_change: int
+    tol: float
+
+
+@dataclass
+class History:
+    loss_curve: List[float] = field(default_factory=list)
+    validation_loss_curve: List[float] = field(default_factory=list)
+    best_validation_loss: Optional[float] = None
+    n_iter: int = 0
+    n_steps: int = 0
+    stopped_by: str = "max_epochs"
+    train_time: float = 0.0
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batch_loss: BatchLoss, x: Tensor, y: Tensor, batch_size: int) -> float:
+    """The loss over ``(x, y)`` in eval mode, batched (weighted by batch sizes)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = sum(float(batch_loss(model, x[i:i + batch_size], y[i:i + batch_size])) * len(y[i:i + batch_size])
+                    for i in range(0, len(y), batch_size))
+    finally:
+        model.train(was_training)
+    return total / len(y)
+
+
+def _progress(verbose: int, total: int):
+    """A tqdm bar over epochs, or ``None`` (``verbose=0``; or tqdm missing, with a warning)."""
+    if not verbose:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("verbose progress needs tqdm: pip install tqdm (or pass verbose=0)", UserWarning, stacklevel=4)
+        return None
+    return tqdm(total=total, desc="fit", unit="epoch", leave=verbose > 1)
+
+
+class _Stopper:
+    """Tracks the best validation loss and keeps a copy of its weights."""
+
+    def __init__(self, model: nn.Module, budget: Budget):
+        self.model, self.budget = model, budget
+        self.best, self.best_state, self.bad_epochs = math.inf, None, 0
+
+    def update(self, loss: float) -> bool:
+        """Record a validation loss; ``True`` when patience is exhausted."""
+        if loss < self.best - self.budget.tol:
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        if loss < self.best:
+            self.best, self.best_state = loss, copy.deepcopy(self.model.state_dict())
+        return self.bad_epochs >= self.budget.n_iter_no_change
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+def _step(model, batch_loss, optimizer, precond, xb, yb) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = batch_loss(model, xb, yb)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training diverged (loss {float(loss)}); lower lr or raise snopt_options['damping']")
+    loss.backward()
+    if precond is not None:
+        precond.step()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train(model: nn.Module, batch_loss: BatchLoss, data: Tuple[Tensor, Tensor],
+          validation: Optional[Tuple[Tensor, Tensor]], optimizer, precond, batch_size: int, budget: Budget,
+          generator: torch.Generator, verbose: int = 0) -> History:
+    """Minibatch training until the budget ends; restores the weights of the best validation loss."""
+    x, y = data
+    history, stopper = History(), _Stopper(model, budget)
+    bar, start = _progress(verbose, budget.max_epochs), time.perf_counter()
+    model.train()
+    try:
+        for _ in range(budget.max_epochs):
+            order = torch.randperm(len(y), generator=generator).to(y.device)
+            losses: Dict[str, float] = {"sum": 0.0, "n": 0}
+            out_of_time = False
+            for i in range(0, len(y), batch_size):
+                idx = order[i:i + batch_size]
+                losses["sum"] += _step(model, batch_loss, optimizer, precond, x[idx], y[idx]) * len(idx)
+                losses["n"] += len(idx)
+                history.n_steps += 1
+                if budget.max_time is not None and time.perf_counter() - start > budget.max_time:
+                    out_of_time = True
+                    break
+            history.n_iter += 1
+            history.loss_curve.append(losses["sum"] / losses["n"])
+            postfix = {"loss": f"{history.loss_curve[-1]:.4f}"}
+            patience_out = False
+            if validation is not None:
+                history.validation_loss_curve.append(mean_loss(model, batch_loss, *validation, max(batch_size, 256)))
+                patience_out = stopper.update(history.validation_loss_curve[-1])
+                postfix["val_loss"] = f"{history.validation_loss_curve[-1]:.4f}"
+            if bar is not None:
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            if out_of_time or patience_out:
+                history.stopped_by = "max_time" if out_of_time else "early_stopping"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if precond is not None:
+            precond.remove()
+    stopper.restore()
+    history.best_validation_loss = stopper.best if validation is not None else None
+    history.train_time = time.perf_counter() - start
+    return history
