@@ -274,3 +274,27 @@ def test_our_own_modules_hold_no_solver_binding():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert adapter.installed_everywhere()
+
+
+# ------------------------------------------------------------- arguments reach the engine
+def test_user_arguments_reach_the_engine_unchanged(monkeypatch):
+    """The stand-in passes the call's own arguments through (a custom adjoint norm included) and adds
+    only wrap's ``seminorm``; the numbers then equal torchdiffeq's with the same norm."""
+    import snopt_dyn.adapters.torchdiffeq as adapter
+
+    if not adapter._engine_is_new():
+        pytest.skip("the engine does not take torchdiffeq's signature yet")
+    calls = []
+    real = adapter._engine_odeint_adjoint
+    monkeypatch.setattr(adapter, "_engine_odeint_adjoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    def norm(state):  # torchdiffeq hands the adjoint norm the augmented state as a tuple of parts
+        return max(part.abs().max() for part in state)
+
+    kw = dict(method="dopri5", adjoint_options={"norm": norm}, adjoint_rtol=1e-9, adjoint_atol=1e-10)
+    native = run(ORIG["odeint_adjoint"], Field(), **kw)
+    field = snopt_dyn.wrap(Field(), seminorm=False)  # before `odeint_adjoint` is read: it is rebound by wrap
+    ours = run(odeint_adjoint, field, **kw)
+    (call,) = calls
+    assert call["adjoint_options"] == {"norm": norm} and call["seminorm"] is False
+    assert call["method"] == "dopri5" and call["adjoint_rtol"] == 1e-9 and call["rtol"] == TOL["rtol"]
+    assert_same(native, ours, grad_tol=1e-7)
