@@ -232,8 +232,8 @@ class SNOpt(hooks.EngineObserver):
         """Extra field evaluations spent on sampling (cumulative)."""
         return self._sampler.evaluations
 
-    def _add_ode(self, module: nn.Module, x: Tensor, g: Tensor, pass_id: int, forward: bool) -> None:
-        self._layers[module].ode.add(x, g, pass_id, forward)
+    def _add_ode(self, module: nn.Module, x: Tensor, g: Tensor, pass_id: int, evaluation: int) -> None:
+        self._layers[module].ode.add(x, g, pass_id, evaluation)
 
     def _disconnected(self, module: nn.Module) -> None:
         self._layers[module].ode.disconnected += 1
@@ -361,7 +361,7 @@ class SNOpt(hooks.EngineObserver):
             s_a, st.u_a = ekfac.eigh(f.a, st.name)
             s_g, st.u_g = ekfac.eigh(f.g, st.name)
             st.m2 = ekfac.kronecker_moment(s_g, s_a, f.mult)
-            st.samples = st.ode.forward_uses // max(1, len(st.ode.passes)) if st.role == "ode" else 0
+            st.samples = len(st.ode.evaluations) // max(1, len(st.ode.passes)) if st.role == "ode" else 0
             self.last_samples = max(self.last_samples, st.samples)
             if self.moment == "per_sample":
                 moments.append((st, ekfac.per_sample_sums(st.u_g, st.u_a, f.per_sample)))
@@ -392,8 +392,9 @@ class SNOpt(hooks.EngineObserver):
         elif st.role == "ode" and st.ode.disconnected and not st.ode.uses:
             why = ("is in a vector field solved by the engine, but its output does not reach the field's "
                    "value (it is used only through autograd inside the field, as the energy of a "
-                   "Hamiltonian/energy-based field whose value is the energy's gradient); Kronecker factors "
-                   "cannot describe such a layer")
+                   "Hamiltonian/energy-based field whose value is the energy's gradient); its forward "
+                   "calls alone cannot describe it. Fix: SNOpt(..., autograd_uses=True) counts the "
+                   "field's own vector-Jacobian products through the layer")
         elif st.role == "ode" and self._sampled:
             why = "is in a vector field solved by the engine but was not called in its sampling evaluations"
         elif st.role == "ode":

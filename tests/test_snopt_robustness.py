@@ -226,6 +226,15 @@ def test_energy_field_warning_says_what_is_true():
         precond.step()
     (msg,) = [str(w.message) for w in caught if "'net.2'" in str(w.message)]
     assert "solved by the engine" in msg and "does not reach the field's value" in msg
-    assert "is its vector field solved" not in msg
+    assert "autograd_uses=True" in msg and "is its vector field solved" not in msg
     assert torch.equal(field.net[2].weight.grad, raw)
     assert precond.layers()["net.0"]["role"] == "ode" and precond.layers()["net.0"]["A"] is not None
+    precond.remove()
+    # with the fix the energy's last layer gets factors from the field's vector-Jacobian products
+    precond = snopt_dyn.SNOpt(field, num_samples=3, autograd_uses=True)
+    field.zero_grad()
+    snopt_dyn.odeint_adjoint(field, x, T01, method="rk4", options={"step_size": 0.25})[-1].pow(2).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond.step()
+    assert precond.layers()["net.2"]["A"] == (9, 9) and precond.layers()["net.2"]["samples"] == 3

@@ -20,7 +20,7 @@ from ..layers import Conv2dKind, LayerKind
 from .batching import backward_pass_id, chunk_size, per_sample_cotangents, solve_batch_size
 from .statistics import output_scale, stat_dtype
 
-Sink = Callable[[nn.Module, Tensor, Tensor, int, bool], None]  # module, x rows, g rows, pass, forward use
+Sink = Callable[[nn.Module, Tensor, Tensor, int, int], None]  # module, x rows, g rows, pass, evaluation
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Sampler:
                 x, gr = u.pair(g, scale)
                 if x.shape[0] != gr.shape[0] or (n == 1 and x.shape[0] != 1):
                     x, gr = x.reshape(1, -1, x.shape[-1]), gr.reshape(1, -1, gr.shape[-1])
-                add(u.module, x, gr, pass_id, u.forward)
+                add(u.module, x, gr, pass_id, self.evaluations)
         if shared:
             grads = per_sample_grads(targets, cotangents, [u.target for u in shared], n)
             for u, g in zip(shared, grads):
@@ -147,7 +147,7 @@ class Sampler:
                 x, gr = u.pair(g.reshape((n * lead.shape[0],) + tuple(lead.shape[1:])), scale)
                 per_sample, fixed = (1, n) if u.forward else (n, 1)  # the fixed side serves all samples
                 add(u.module, x.reshape(per_sample, -1, x.shape[-1]), gr.reshape(fixed, -1, gr.shape[-1]),
-                    pass_id, u.forward)
+                    pass_id, self.evaluations)
 
 
 def per_sample_grads(targets: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],

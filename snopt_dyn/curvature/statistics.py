@@ -62,17 +62,17 @@ class LayerStats:
         self.g_sum: Optional[Tensor] = None
         self.samples = 0  # Σ over uses of the samples each use serves
         self.uses = 0
-        self.forward_uses = 0
+        self.evaluations: set = set()  # sampling evaluations that gave this layer a use
         self.rows = 0  # Σ over uses of rows per sample
         self.passes: set = set()
         self.keep_per_sample = keep_per_sample
         self.per_sample: Dict[Tuple[int, int], Tensor] = {}
         self.disconnected = 0  # uses whose output did not reach the field's value
 
-    def add(self, x: Tensor, g: Tensor, pass_id: int, forward: bool = True) -> None:
+    def add(self, x: Tensor, g: Tensor, pass_id: int, evaluation: Optional[int] = None) -> None:
         """One use: ``x`` ``(n or 1, L, d_in)`` input rows, ``g`` ``(n or 1, L, d_out)`` output rows
-        at per-sample scale (a side with one leading entry serves all ``n`` samples).  ``forward``:
-        a forward call (not a vector-Jacobian product through the layer)."""
+        at per-sample scale (a side with one leading entry serves all ``n`` samples).  ``evaluation``:
+        the sampling evaluation it came from (several uses may share one)."""
         n, rows = max(x.shape[0], g.shape[0]), g.shape[1]
         xr, gr = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         a = (xr.t() @ xr) * (n / xr.shape[0])
@@ -81,7 +81,8 @@ class LayerStats:
         self.g_sum = gg if self.g_sum is None else self.g_sum + gg
         self.samples += n
         self.uses += 1
-        self.forward_uses += forward
+        if evaluation is not None:
+            self.evaluations.add(evaluation)
         self.rows += rows
         self.passes.add(pass_id)
         if self.keep_per_sample:
