@@ -292,3 +292,20 @@ def test_a_diverging_run_stops_alone():
     assert sgd.rows[-1]["test_metric"] is None and len(sgd.evals) >= 1
     text = format_table(result, summarize(result))
     assert "note: sgd seed 0: stopped at iteration 2" in text
+
+
+def test_snopt_variants_for_ablations(tmp_path, capsys):
+    """snopt[key=value;...] runs SNOpt variants side by side; their options reach SNOpt."""
+    from snopt_dyn.compare.optimizers import parse_optimizer, snopt_overrides
+    assert parse_optimizer("snopt[moment=paper;update_freq=2]@0.05") == ("snopt", 0.05)
+    assert snopt_overrides("snopt[moment=paper;update_freq=2]@0.05") == {"moment": "paper", "update_freq": 2}
+    with pytest.raises(ValueError, match="only snopt takes"):
+        parse_optimizer("adam[damping=1]")
+    out = tmp_path / "ablation"
+    code, stdout, stderr = run_main(capsys, "compare", *TINY, "--task", "image", "--data", "digits", "--iters", "4",
+                                    "--optimizers", "snopt,snopt[update_freq=2]", "--quiet", "--no-plot",
+                                    "--out", str(out))
+    assert code == 0, stderr
+    with open(out / "results.json") as fh:
+        runs = {r["optimizer"]: r for r in json.load(fh)["summary"]["per_seed"][0]["runs"]}
+    assert runs["snopt"]["refreshes"] == 1 and runs["snopt[update_freq=2]"]["refreshes"] == 2

@@ -32,10 +32,17 @@ WARMUP = 0.05
 
 
 def parse_optimizer(spec: str):
-    """``"adam"`` → ``("adam", None)``; ``"adam@1e-3"`` → ``("adam", 0.001)``; raises ``ValueError``."""
-    kind, sep, lr = spec.strip().lower().partition("@")
+    """``"adam"`` → ``("adam", None)``; ``"adam@1e-3"`` → ``("adam", 0.001)``; raises ``ValueError``.
+
+    SNOpt variants for ablations, ``"snopt[moment=paper;update_freq=20]@0.02"``, parse to their kind
+    and learning rate here; :func:`snopt_overrides` reads the bracket.
+    """
+    spec = spec.strip().lower()
+    head, sep, lr = spec.rpartition("@") if "@" in spec.split("]")[-1] else (spec, "", "")
+    kind = head.split("[", 1)[0]
     if kind not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+    snopt_overrides(spec)  # checks the bracket
     if not sep:
         return kind, None
     try:
@@ -45,6 +52,33 @@ def parse_optimizer(spec: str):
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"learning rates must be positive, got {spec!r}")
     return kind, value
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text, text)
+
+
+def snopt_overrides(spec: str) -> Dict[str, object]:
+    """SNOpt keyword arguments in ``snopt[key=value;...]`` (empty for other specs); raises ``ValueError``."""
+    if "[" not in spec:
+        return {}
+    kind, _, rest = spec.partition("[")
+    body, close, _ = rest.partition("]")
+    if kind.strip() != "snopt" or not close:
+        raise ValueError(f"bad optimizer {spec!r}: only snopt takes [key=value;...] overrides, e.g. "
+                         "snopt[moment=paper;update_freq=20]")
+    out = {}
+    for item in filter(None, (i.strip() for i in body.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad SNOpt override {item!r} in {spec!r}; write key=value")
+        out[key.strip()] = _value(value.strip())
+    return out
 
 
 class Combined(torch.optim.Optimizer):

@@ -68,7 +68,8 @@ def plot_curves(results: Results, summary: dict, fh) -> None:
                 continue
             grid, med, low, high = curve
             color = _color(run, first)
-            ax.plot(grid, med, lw=1.8, color=color, label=f"{LABELS.get(run.kind, run.kind)}, lr {run.lr:g}")
+            label = run.name if "[" in run.name else LABELS.get(run.kind, run.kind)
+            ax.plot(grid, med, lw=1.8, color=color, label=f"{label}, lr {run.lr:g}")
             if len(results) > 1:
                 ax.fill_between(grid, low, high, color=color, alpha=0.15, lw=0)
         _decorate(ax, results, summary, scale)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import snopt_dyn
-from .optimizers import OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, parse_optimizer, set_lr
+from .optimizers import (OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, parse_optimizer, set_lr,
+                         snopt_overrides)
 from .progress import progress_bar, status
 from .tasks.base import Task
 
@@ -186,7 +187,7 @@ def _make_run(task: Task, name: str, kind: str, lr: float, seed: int, batch_size
     if kind == "snopt":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            precond = snopt_dyn.SNOpt(model, **snopt_kwargs)
+            precond = snopt_dyn.SNOpt(model, **{**snopt_kwargs, **snopt_overrides(name)})
         notes += [str(w.message) for w in caught]
     optimizer = make_optimizer(kind, model, lr)
     return Run(name=name, kind=kind, lr=lr, model=model, optimizer=optimizer, precond=precond,
