@@ -331,3 +331,28 @@ def test_autograd_uses_make_per_sample_gradients_exact(case, autograd_uses):
     else:
         assert max(errors) > 0.05, errors
     precond.remove()
+
+
+# ------------------------------------------------------------------------ 3b. explicit batch size
+class ScalarField(nn.Module):
+    """N scalar ODEs: the state is ``(N,)`` (which the batch rule reads as one unbatched vector)
+    or ``(N, 1)``; the field treats each entry as one sample."""
+
+    def __init__(self, h=5):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(1, h), nn.Linear(h, 1)
+
+    def forward(self, t, z):
+        return self.l2(torch.tanh(self.l1(z.reshape(-1, 1)))).reshape(z.shape)
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_explicit_batch_size_where_the_rule_cannot_see_it(moment):
+    torch.manual_seed(12)
+    a = ScalarField().double()
+    b = copy.deepcopy(a)
+    g = torch.Generator().manual_seed(13)
+    x, y = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    got = _run(a, lambda s: [_field_loss(x, y)], moment=moment, batch_size=8)
+    want = _run(b, lambda s: [_field_loss(x[:, None], y[:, None])], moment=moment)
+    _assert_same(got, want)

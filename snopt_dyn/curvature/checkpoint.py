@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import torch
-
 from .statistics import stat_dtype
 
 _TENSORS = ("u_a", "u_g", "m2")
