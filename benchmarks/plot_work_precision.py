@@ -27,11 +27,9 @@ def load_points(path: str) -> Dict[str, Dict[str, Dict[float, dict]]]:
         results = json.load(fh)["results"]
     points: Dict[str, Dict[str, Dict[float, dict]]] = {}
     for key, value in results.items():
-        if not key.startswith("work_precision[") or "tol" not in value:
-            continue
-        for side, error in value["errors"].items():
-            points.setdefault(value["library"], {}).setdefault(side, {})[float(value["tol"])] = dict(
-                error=error, ms=value["step_ms"][side], nfe=value["nfe"][side])
+        if key.startswith("work_precision[") and "tols" in value:  # one entry per library
+            points[value["library"]] = {side: {float(tol): p for tol, p in by_tol.items()}
+                                        for side, by_tol in value["points"].items()}
     return points
 
 

@@ -15,7 +15,9 @@ torchcde: ``adjoint_options={"norm": "seminorm"}``), ``ours`` (``snopt_dyn.wrap(
 the engine with torchdiffeq's default norm) and ``ours+seminorm`` (``wrap(seminorm=True)``).
 Everything runs in float64 so that the errors show the solver, not float32 rounding.
 
-Quick mode asserts well-formedness only and prints nothing; ``SNOPT_DYN_BENCH=full`` prints the
+The full run takes ~11 minutes on 2 cores (the CDE at 1e-7 needs ~10^4 evaluations per step; the
+figures of BENCHMARKS.md were measured with 15/3/7 rounds, 16 minutes).  Quick mode (one
+tolerance, tiny batches, ~10 s) asserts well-formedness only and prints nothing; ``SNOPT_DYN_BENCH=full`` prints the
 points and, per library, who is fastest at each accuracy.  ``benchmarks/plot_work_precision.py``
 draws ``docs/work_precision.png`` and the markdown table from the recorded JSON.
 """
@@ -41,7 +43,6 @@ DT = torch.float64
 TOLS = pick([1e-3], [1e-3, 1e-4, 1e-5, 1e-6, 1e-7])
 REF_TOL = pick(1e-6, 1e-10)  # quick mode checks the plumbing only
 LEVELS = [10.0 ** -k for k in range(1, 9)]  # accuracy levels of the table
-_points: Dict[str, Dict[str, Dict[float, dict]]] = {}  # library -> side -> tol -> point
 
 
 # ----------------------------------------------------------------------------------- models
@@ -135,7 +136,7 @@ def _digits():
     hidden, width = pick((16, 32), (32, 64))
     x, y = x[:n].to(DT), y[:n]
     build = lambda tol, **kw: DigitsODE(hidden, width, tol, **kw)
-    return dict(build=build, data=(x, y), seminorm=True, field=MLPField, rounds=pick(1, 15),
+    return dict(build=build, data=(x, y), seminorm=True, field=MLPField, rounds=pick(1, 10),
                 what=f"digits MLP field {hidden}-{width}-{hidden}, batch {n}")
 
 
@@ -148,7 +149,7 @@ def _vowels():
     coeffs = cde.hermite_cubic_coefficients_with_backward_differences(path)
     hidden = pick(8, 16)  # the backward at 1e-7 takes ~10^4 evaluations (the spline's knots)
     build = lambda tol, **kw: CDE(path.shape[-1], hidden, train.num_classes, 64, tol, **kw)
-    return dict(build=build, data=(coeffs, train.labels[index]), seminorm=True, field=CDEFunc, rounds=pick(1, 3),
+    return dict(build=build, data=(coeffs, train.labels[index]), seminorm=True, field=CDEFunc, rounds=pick(1, 2),
                 what=f"JapaneseVowels Neural CDE hidden {hidden}, batch {n}")
 
 
@@ -162,7 +163,7 @@ def _mnist():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ImageODE(tol, backprop=backprop)
-    return dict(build=build, data=(x, y), seminorm=False, field=ConvField, rounds=pick(1, 7),
+    return dict(build=build, data=(x, y), seminorm=False, field=ConvField, rounds=pick(1, 5),
                 what=f"MNIST conv Neural ODE (8-16-8), batch {n}")
 
 
@@ -211,43 +212,47 @@ def _same_weights(models, state):
                 assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("tol", TOLS, ids=[f"{t:.0e}" for t in TOLS])
 @pytest.mark.parametrize("library", list(CASES))
-def test_work_precision_point(benchmark, record, library, tol):
+def test_work_precision(benchmark, record, library):
+    """Every (side, tolerance) of one library takes its turn in every round: the host's speed drifts
+    by up to 1.6x over minutes, so points measured one after the other could not be compared."""
     case = _case(library)
-    models = _sides(case, tol)
+    models = {(side, tol): model for tol in TOLS for side, model in _sides(case, tol).items()}
     _same_weights(models, case["state"])
-    ref = case["reference"]
     grads, nfe, counters = {}, {}, {}
-    for name, model in models.items():
-        calls = counters[name] = [0]
+    for key, model in models.items():
+        calls = counters[key] = [0]
         field = next(m for m in model.modules() if isinstance(m, case["field"]))
         field.register_forward_pre_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
 
-    def step(name):
-        counters[name][0] = 0
-        grads[name] = _gradient(models[name], case["data"])
-        nfe[name] = counters[name][0]
+    def step(key):
+        counters[key][0] = 0
+        grads[key] = _gradient(models[key], case["data"])
+        nfe[key] = counters[key][0]
 
-    steps = {name: (lambda name=name: step(name)) for name in models}
-    times = interleaved(benchmark, steps, measured="ours", rounds=case["rounds"], warmup=0)
-    errors = {name: float((grads[name] - ref).norm() / ref.norm()) for name in models}
-    ms = {k: 1e3 * median(v) for k, v in times.items()}
-    for name in models:
-        _points.setdefault(library, {}).setdefault(name, {})[tol] = dict(error=errors[name], ms=ms[name],
-                                                                        nfe=nfe[name])
-    # same tolerance, same norm: the per-round ratio of step times (robust to the host's drift)
-    pairs = {f"{o}/{n}": paired_ratio(times[o], times[n])["median"]
-             for n, o in (("native", "ours"), ("native+seminorm", "ours+seminorm")) if n in times}
-    lines = [f"{library} tol {tol:.0e}: " + ", ".join(
-        f"{k} {ms[k]:.1f} ms err {errors[k]:.2e} nfe {nfe[k]}" for k in models) +
-        "; paired " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items())]
-    record(f"work_precision[{library}-{tol:.0e}]", dict(library=library, model=case["what"], tol=tol, errors=errors,
-                                                        step_ms=ms, nfe=nfe, paired_ratios=pairs, times_s=times),
-           lines)
-    assert all(math.isfinite(e) and e >= 0 for e in errors.values())
+    names = {f"{side}@{tol:.0e}": (side, tol) for side, tol in models}
+    steps = {name: (lambda key=key: step(key)) for name, key in names.items()}
+    times = interleaved(benchmark, steps, measured=f"ours@{TOLS[0]:.0e}", rounds=case["rounds"], warmup=0)
+    ref = case["reference"]
+    points: Dict[str, Dict[float, dict]] = {}
+    for name, (side, tol) in names.items():
+        points.setdefault(side, {})[tol] = dict(error=float((grads[side, tol] - ref).norm() / ref.norm()),
+                                                ms=1e3 * median(times[name]), nfe=nfe[side, tol])
+    # same tolerance, same norm: the per-round ratio of step times
+    pairs = {f"{o}/{n}@{tol:.0e}": paired_ratio(times[f"{o}@{tol:.0e}"], times[f"{n}@{tol:.0e}"])["median"]
+             for tol in TOLS for n, o in (("native", "ours"), ("native+seminorm", "ours+seminorm")) if n in points}
+    lines = [f"{library}: {case['what']}"]
+    lines += [f"{library} tol {tol:.0e}: " + ", ".join(
+        f"{side} {by_tol[tol]['ms']:.1f} ms err {by_tol[tol]['error']:.2e} nfe {by_tol[tol]['nfe']}"
+        for side, by_tol in points.items()) for tol in TOLS]
+    lines.append(f"{library} paired ours/native: " + ", ".join(f"{k} {v:.2f}" for k, v in pairs.items()))
+    lines.append(f"{library}: | gradient error | " + " | ".join(points) + " | fastest |")
+    lines += [f"{library}: {row}" for row in table_rows(points)]
+    record(f"work_precision[{library}]", dict(library=library, model=case["what"], tols=TOLS, points=points,
+                                              paired_ratios=pairs, times_s=times), lines)
+    assert all(math.isfinite(p["error"]) and p["error"] >= 0 for by in points.values() for p in by.values())
     assert all(finite_positive(t) for v in times.values() for t in v)
-    assert all(n > 0 for n in nfe.values())
+    assert all(n > 0 for n in nfe.values()) and all(finite_positive(v) for v in pairs.values())
 
 
 def fastest_at(points: Dict[str, Dict[float, dict]], level: float) -> Dict[str, float]:
@@ -270,20 +275,5 @@ def table_rows(points: Dict[str, Dict[float, dict]]) -> List[str]:
         if not best or level > 10 * worst:
             continue
         cells = [f"{best[s]:.0f}" if s in best else "—" for s in sides]
-        winner = min(best, key=best.get)
-        rows.append(f"| <= {level:.0e} | " + " | ".join(cells) + f" | {winner} |")
+        rows.append(f"| <= {level:.0e} | " + " | ".join(cells) + f" | {min(best, key=best.get)} |")
     return rows
-
-
-def test_work_precision_table(benchmark, record):
-    """Who is fastest at each accuracy (full mode prints it); runs after the points."""
-    if not _points:
-        pytest.skip("no work-precision points were measured in this session")
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    lines = []
-    for library, points in _points.items():
-        lines.append(f"{library}: | gradient error | " + " | ".join(points) + " | fastest |")
-        lines += [f"{library}: {row}" for row in table_rows(points)]
-    record("work_precision[table]", dict(points=_points), lines)
-    for points in _points.values():
-        assert all(finite_positive(p["ms"]) for by_tol in points.values() for p in by_tol.values())
