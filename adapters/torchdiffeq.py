@@ -22,6 +22,11 @@ module (or a submodule) holds that requires grad, as a buffer or a plain tensor 
 torchcde's spline coefficients; a tensor kept from an earlier iteration with a freed graph must not
 stay attached).  A plain function that closes over a wrapped module keeps torchdiffeq's solver
 with a one-time warning (the engine cannot find what it depends on).
+
+Not rerouted (they run torchdiffeq's own solver): a reference to the original taken *before* the
+first wrap and kept somewhere other than a module global or a submodule attribute (a local
+variable, a closure, a dict, a ``functools.partial``), and ``from torchdiffeq._impl.odeint import
+odeint``.  Take such references after wrapping, or call :func:`snopt_dyn.odeint_adjoint`.
 """
 from __future__ import annotations
 

@@ -164,10 +164,16 @@ def test_a_wrap_that_finds_nothing_says_so_and_names_the_fix():
         snopt_dyn.wrap(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
 
 
-def test_plain_function_around_a_wrapped_module_warns_once():
+def test_plain_function_around_a_wrapped_module_warns_once(monkeypatch):
+    import snopt_dyn.adapters.torchdiffeq as adapter
+
+    monkeypatch.setattr(adapter, "_warned", set())  # once per process: forget earlier tests' warnings
     field = snopt_dyn.wrap(Field())
     with pytest.warns(RuntimeWarning, match="plain function"):
         out, fwd, _ = engine_used(lambda: odeint(lambda t, y: field(t, y), y0(), T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odeint(lambda t, y: field(t, y), y0(), T)  # once
     assert fwd == 0 and out.shape == (3, 4, 2)
 
 
