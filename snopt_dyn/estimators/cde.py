@@ -25,7 +25,10 @@ PARAMETERS = """
         early_stopping, validation_fraction, n_iter_no_change, tol: hold out ``validation_fraction`` of
             the fit series (stratified for classifiers), stop after ``n_iter_no_change`` epochs without
             the validation loss improving by ``tol``, keep the weights of the best validation loss.
-        rtol, atol: tolerances of the dopri5 solves (forward and adjoint).
+        rtol, atol: tolerances of the dopri5 solves (forward and adjoint).  A batch's series share the
+            adaptive steps and one RMS error norm, so outputs depend on the batch at about this
+            tolerance times sqrt(batch): on JapaneseVowels at 1e-3, probabilities moved by up to 0.27
+            between predicting 100 series at once and 10 at a time (5% of the labels), at 1e-5 by 0.01.
         warm_start: a second ``fit`` continues from the fitted weights and preprocessing.
         random_state: seed (int), ``RandomState`` or None; fixes initialisation, split and batch order.
         device: torch device for training and prediction (``"cpu"``, ``"cuda"``, ...).

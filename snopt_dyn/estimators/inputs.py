@@ -136,9 +136,3 @@ def read_series(X, times=None) -> datasets.TimeSeriesData:
     return dataclasses.replace(data, times=torch.as_tensor(padded, dtype=torch.float32))
 
 
-def n_series(X) -> Optional[int]:
-    """The number of series in ``X`` without converting it (``None`` when unknown)."""
-    try:
-        return len(X)
-    except TypeError:
-        return None
