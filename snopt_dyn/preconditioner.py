@@ -303,7 +303,9 @@ class SNOpt(hooks.EngineObserver):
             for st in layers:
                 stats = st.ode if st.ode.uses else st.static
                 f = stats.finalize(self.loss_reduction) if not st.foreign else None
-                if f is not None:
+                if st.foreign:
+                    st.role = "foreign"
+                elif f is not None:
                     factors[st.module] = f
                     st.role = "ode" if stats is st.ode else "static"
         bad = self._nonfinite_names(grads, factors)

@@ -198,6 +198,7 @@ def test_field_solved_by_torchdiffeq_warns_once_and_keeps_raw_gradient():
     assert len(messages) == 2 and {"'field.l1'" in m or "'field.l2'" in m for m in messages} == {True}
     assert all("snopt_dyn.wrap(model)" in m for m in messages)
     assert precond.layers()["field.l1"]["A"] is None and precond.factors().get("field.l1") is None
+    assert precond.layers()["field.l1"]["role"] == "foreign" and precond.layers()["head"]["role"] == "static"
 
 
 class Energy(nn.Module):
