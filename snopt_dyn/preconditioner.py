@@ -1,4 +1,4 @@
-"""SNOpt: time-sampled Kronecker factors and the eigenvalue-corrected update (DESIGN.md §2.3–§2.4).
+"""SNOpt: time-sampled Kronecker factors and the eigenvalue-corrected update (docs/ARCHITECTURE.md).
 
 Use it between ``loss.backward()`` and ``optimizer.step()`` of any torch optimizer::
 

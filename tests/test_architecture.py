@@ -156,3 +156,10 @@ def test_the_cycle_check_sees_a_deliberate_cycle():
     assert "snopt_dyn.compare.runner" in graph["snopt_dyn.hooks"]
     cycle = find_cycle(graph, start="snopt_dyn.hooks")
     assert cycle is not None and "snopt_dyn.hooks" in cycle, cycle
+
+
+def test_no_reference_to_a_design_document_outside_the_repository():
+    """Docstrings and docs cite docs/ARCHITECTURE.md, not the DESIGN.md that lives outside the repository."""
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md") and ".venv" not in p.parts
+             and "site-packages" not in p.parts and p.name != "test_architecture.py"]
+    assert not [str(p.relative_to(ROOT)) for p in files if "DESIGN.md" in p.read_text(errors="ignore")]

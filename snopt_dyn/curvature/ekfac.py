@@ -1,4 +1,4 @@
-"""The eigenvalue-corrected Kronecker update (DESIGN.md §2.4) and its second moment ``m2``.
+"""The eigenvalue-corrected Kronecker update (docs/ARCHITECTURE.md, step 5) and its second moment ``m2``.
 
 Refresh: ``A = U_A diag(s_A) U_Aᵀ``, ``G = U_G diag(s_G) U_Gᵀ``.  The second moment of the
 per-sample gradients in that eigenbasis, ``m2``, starts from one of three rules (``moment=``):

@@ -1,5 +1,5 @@
 """The sampling evaluations: the field once more at each sample time, each layer call paired with
-its own output gradient (DESIGN.md §2.3).
+its own output gradient (docs/ARCHITECTURE.md, step 5).
 
 A layer's forward hook hands each call to :meth:`Sampler.record`, which keeps the input rows right
 away and lets the field continue with a *copy* of the output: an in-place operation after the

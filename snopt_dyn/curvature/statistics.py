@@ -1,7 +1,7 @@
 """Per-layer statistics of one refresh iteration, and **how G is scaled** (all of it is here).
 
 Target: the per-sample empirical Fisher ``F = mean_b p_b p_bᵀ`` of a layer, where ``p_b`` is the
-gradient of sample ``b``'s own loss (DESIGN.md §2.2-§2.3).  Each *use* of the layer (one sampled
+gradient of sample ``b``'s own loss (the per-sample Fisher; docs/ARCHITECTURE.md).  Each *use* of the layer (one sampled
 field evaluation at time ``t_j``, or one ordinary forward call of a static layer) gives input rows
 ``x̄`` and output-gradient rows ``g`` of the loss the user back-propagated.  The output rows are
 rescaled to the per-sample loss by :func:`output_scale`:
