@@ -329,10 +329,10 @@ def _problem(kind):
     if kind == "conv":
         return ConvField(), torch.randn(2, 3, 6, 6, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT)
     import torchcde
-    path = torch.cumsum(torch.randn(8, 10, 3, dtype=DT) * 0.3, dim=1)
-    path = torch.cat([torch.linspace(0, 1, 10, dtype=DT).expand(8, 10)[..., None], path], -1)
+    path = torch.cumsum(torch.randn(4, 8, 3, dtype=DT) * 0.3, dim=1)
+    path = torch.cat([torch.linspace(0, 1, 8, dtype=DT).expand(4, 8)[..., None], path], -1)
     X = torchcde.CubicSpline(torchcde.hermite_cubic_coefficients_with_backward_differences(path))
-    return CDEField(X, 4, 8), torch.randn(8, 8, dtype=DT), X.interval
+    return CDEField(X, 4, 8), torch.randn(4, 8, dtype=DT), X.interval
 
 
 def _gradient(solve, func, y0):
