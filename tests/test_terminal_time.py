@@ -32,7 +32,7 @@ class Toy(nn.Module):
 
     def forward(self, z0):
         t = torch.stack([torch.zeros((), dtype=torch.float64), terminal_time_leaf(self).double()])
-        return snopt_dyn.odeint_adjoint(self.field, z0, t, adjoint_params=())[-1] + self.offset
+        return snopt_dyn.odeint_adjoint(self.field, z0, t, adjoint_params=(), rtol=1e-5, atol=1e-7)[-1] + self.offset
 
 
 def _updates_to_reach(policy, seed, lr, iters=200, update_freq=10):
