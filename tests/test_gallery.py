@@ -244,7 +244,8 @@ class NeuralCDE(nn.Module):
         z0 = self.initial(X.evaluate(X.interval[0]))
         if lengths is None:
             return self.readout(torchcde.cdeint(X=X, func=self.func, z0=z0, t=X.interval, rtol=self.tol, atol=self.tol)[:, -1])
-        zs = torchcde.cdeint(X=X, func=self.func, z0=z0, t=X.grid_points, rtol=self.tol, atol=self.tol)
+        zs = torchcde.cdeint(X=X, func=self.func, z0=z0, t=X.grid_points, rtol=self.tol, atol=self.tol,
+                             options=dict(jump_t=X.grid_points))  # the filled-in pieces join with kinks
         return self.readout(zs[torch.arange(len(lengths)), lengths - 1])
 
 
