@@ -370,3 +370,12 @@ def test_fit_and_predict_on_cuda(vowels):
     proba = est.predict_proba(X[:10])
     assert np.isfinite(proba).all() and np.allclose(proba.sum(1), 1.0)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(est)).predict_proba(X[:10]), proba)
+
+
+def test_predictions_do_not_depend_on_the_order_of_X(vowels):
+    """Batched adaptive solves couple a batch's series; predicting in a canonical order makes a shuffled
+    X give exactly the shuffled outputs (without it they differ in the last bits, or more)."""
+    (X, y), (Xt, _) = vowels
+    est = NeuralCDEClassifier(**ONE).fit(X, y)
+    perm = np.random.RandomState(0).permutation(len(Xt))
+    np.testing.assert_array_equal(est.predict_proba([Xt[i] for i in perm]), est.predict_proba(Xt)[perm])

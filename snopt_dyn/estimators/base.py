@@ -40,6 +40,17 @@ def _device(device) -> torch.device:
     return dev
 
 
+def _canonical_order(x: Tensor) -> Tensor:
+    """A permutation set by the series' contents, not by their order in ``X``.
+
+    The series of a batch share the adaptive solver's steps (and its error norm's sum), so a series'
+    output depends on its batch mates; predicting in this order makes the outputs independent of the
+    order of ``X`` (exactly, not just to rounding).
+    """
+    rows = x.detach().cpu().reshape(len(x), -1).numpy()
+    return torch.as_tensor(np.lexsort(rows.T[::-1]), dtype=torch.long)
+
+
 class SeriesEstimator(BaseEstimator):
     """Parameters and ``fit`` loop common to the Neural CDE and ODE-RNN estimators (see their docs)."""
 
@@ -150,10 +161,12 @@ class SeriesEstimator(BaseEstimator):
         """The model's outputs for ``X`` (CPU, float32), in eval mode and batches of 256 series."""
         check_is_fitted(self, "model_")
         data = self._read(X, times, fitted=True)
-        x = self._encode(data, self.scaling_).to(self.device_)
+        x = self._encode(data, self.scaling_)
+        order = _canonical_order(x)
+        x = x[order].to(self.device_)
         self.model_.eval()
         out = [self._forward(self.model_, x[i:i + _PREDICT_BATCH]).cpu() for i in range(0, len(x), _PREDICT_BATCH)]
-        return torch.cat(out)
+        return torch.cat(out)[torch.argsort(order)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
