@@ -1,10 +1,19 @@
-"""snopt-dyn: a second-order optimizer (SNOpt) for neural differential equations."""
+"""snopt-dyn: a second-order optimizer (SNOpt) for neural differential equations.
+
+The engine's public API: :func:`wrap` (one call for torchdyn / torchcde / torchdiffeq models),
+:class:`SNOpt` (one line, ``precond.step()``), :func:`odeint_adjoint` (a drop-in for torchdiffeq's),
+:class:`TerminalTimeOptimizer` (the horizon T), and the errors.  Integrations that import optional
+libraries (``snopt_dyn.lightning``, ``snopt_dyn.estimators``) and the main job (``snopt_dyn.compare``)
+are imported on their own, never from here.
+"""
 from . import hooks
 from .adjoint import NFECounter, nfe, odeint_adjoint
 from .errors import NonFiniteError, SolverError
+from .interception import no_interception
 from .preconditioner import SNOpt
 from .terminal_time import TerminalTimeOptimizer
-from .wrapping import wrap
+from .wrapping import restore_originals, wrap
 
-__all__ = ["odeint_adjoint", "wrap", "SNOpt", "NonFiniteError", "TerminalTimeOptimizer", "SolverError", "NFECounter", "nfe", "hooks"]
-__version__ = "0.1.0"
+__all__ = ["odeint_adjoint", "wrap", "no_interception", "restore_originals", "SNOpt", "NonFiniteError",
+           "TerminalTimeOptimizer", "SolverError", "NFECounter", "nfe", "hooks"]
+__version__ = "0.2.0"
