@@ -20,7 +20,7 @@ from .summary import machine_info, summarize
 from .table import format_table
 from .tasks import TASKS, TaskError, get_task
 
-DEFAULT_OPTIMIZERS = "snopt,adamw-cosine,soap,sgd"
+DEFAULT_OPTIMIZERS = "snopt,adamw-cosine,soap"
 DEFAULT_SEEDS = 3
 
 

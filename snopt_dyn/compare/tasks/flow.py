@@ -148,7 +148,7 @@ class FlowTask(Task):
         return evaluate_nll(model, self.test_x, batch=self.eval_batch)
 
 
-def build_flow_task(*, split_test: str = "test", batch_size: int = 512, budget: float = 120.0,
+def build_flow_task(*, split_test: str = "test", batch_size: int = 512, budget: float = 60.0,
                     lrs: Optional[Dict[str, float]] = None, snopt: Optional[Dict[str, float]] = None,
                     **model_options) -> FlowTask:
     """The diamonds flow task (unprepared: call ``.prepare(device, max_train=..., max_test=...)``).
