@@ -107,5 +107,5 @@ def make_task(data: str) -> Task:
         batch_size=64, budget=30.0,
         lrs={"snopt": 0.1, "adam": 1e-2, "sgd": 0.3, "sgd-plain": 1.0, "adamw-cosine": 0.1, "muon": 0.1, "soap": 3e-2},
         snopt=dict(damping=0.05, update_freq=50, sample_step=0.25),
-        eval_batch=250, eval_points=15,
+        eval_batch=250, eval_points=10,
         loader=_load_mnist, builder=_build_image, data="mnist_subset")
