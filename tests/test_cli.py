@@ -116,7 +116,7 @@ def test_timeseries_end_to_end(tmp_path, capsys):
     check_consistency(stdout, rows, results, default, iters=2)
     defaults = get_task("timeseries").lrs
     assert results["settings"]["lrs"] == {k: defaults[k] for k in default}
-    assert results["settings"]["snopt"]["update_freq"] == 50
+    assert results["settings"]["snopt"]["update_freq"] == get_task("timeseries").snopt["update_freq"] == 20
     for kind in ("curves.csv", "results.json", "compare_timeseries.png"):
         assert f"wrote {out / kind}" in stdout
     assert "verdict (test acc)" in stdout
