@@ -15,7 +15,7 @@ the running second moment).  ``SGD(lr=0)`` still does all of its arithmetic.
 Amortized overhead at a refresh interval F (100 as in the paper, 50 as the ``compare`` tasks use):
 ``(r_refresh + (F - 1) r_nonrefresh) / F - 1``, from the medians of the per-round ratios to ``sgd``.
 
-Target (measured, not asserted): amortized overhead at ``update_freq=100`` <= 10 % over plain SGD.
+Target (measured, not asserted): amortized overhead at the task's shipped ``update_freq`` <= 2 % over plain SGD.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def test_snopt_overhead(benchmark, record, task_name):
 
     r_plain = paired_ratio(times["snopt"], times["sgd"])
     r_refresh = paired_ratio(times["snopt-refresh"], times["sgd"])
-    amortized = {f: (r_refresh["median"] + (f - 1) * r_plain["median"]) / f - 1 for f in (100, 50)}
+    shipped = int(task.snopt.get("update_freq", 100))  # the refresh interval the task ships with
+    amortized = {f: (r_refresh["median"] + (f - 1) * r_plain["median"]) / f - 1 for f in sorted({shipped, 50, 100})}
     ms = {k: 1e3 * median(v) for k, v in times.items()}
     nfe_med = {k: (median([a for a, _ in v[1:]]), median([b for _, b in v[1:]])) for k, v in nfe.items()}
     samples = preconds["snopt-refresh"].last_samples
@@ -89,8 +90,9 @@ def test_snopt_overhead(benchmark, record, task_name):
              f"(x{r_plain['median']:.3f}, IQR {r_plain['q1']:.3f}-{r_plain['q3']:.3f}), refresh "
              f"{ms['snopt-refresh']:.1f} ms (x{r_refresh['median']:.3f}, {samples} samples/solve); "
              f"precond.step() {precond_ms['snopt']:.1f} / {precond_ms['snopt-refresh']:.1f} ms",
-             f"{task_name}: amortized overhead at update_freq=100: {100 * amortized[100]:+.1f}% "
-             f"(target <= +10%: {'met' if amortized[100] <= 0.10 else 'MISSED'}); at 50: {100 * amortized[50]:+.1f}%; "
+             f"{task_name}: amortized overhead at the shipped update_freq={shipped}: {100 * amortized[shipped]:+.1f}% "
+             f"(target <= +2%: {'met' if amortized[shipped] <= 0.02 else 'MISSED'}); at 50: {100 * amortized[50]:+.1f}%, "
+             f"at 100: {100 * amortized[100]:+.1f}%; "
              f"NFE fwd+bwd {nfe_med['sgd'][0]:.0f}+{nfe_med['sgd'][1]:.0f} "
              f"(refresh: {nfe_med['snopt-refresh'][0]:.0f}+{nfe_med['snopt-refresh'][1]:.0f} "
              f"+ {median(sampling['snopt-refresh'][1:]):.0f} sampling)"]
@@ -99,14 +101,13 @@ def test_snopt_overhead(benchmark, record, task_name):
         ratio_refresh=r_refresh, amortized_overhead=amortized, samples_per_solve=samples,
         precond_step_ms_median=precond_ms, nfe_forward_backward_median=nfe_med,
         sampling_nfe_per_refresh=median(sampling["snopt-refresh"][1:]),
-        target="amortized overhead at update_freq=100 <= 10%", target_met=amortized[100] <= 0.10,
+        target=f"amortized overhead at the shipped update_freq={shipped} <= 2%", target_met=amortized[shipped] <= 0.02,
         times_s=times), lines)
 
     assert all(finite_positive(t) for v in times.values() for t in v)
     assert finite_positive(r_plain["median"]) and finite_positive(r_refresh["median"])
     assert nfe["snopt"][1:] == nfe["sgd"][1:], "identical weights must give identical solver work"
-    # a refresh adds the sample times to the backward solve: torchdiffeq's solvers interpolate there
-    # (same steps), torchdyn's land on them (more backward steps); the forward solve is the same
+    # sampling reads the backward solve's dense output: the forward solve is the same
     assert [f for f, _ in nfe["snopt-refresh"][1:]] == [f for f, _ in nfe["sgd"][1:]]
     assert all(s == 0 for s in sampling["snopt"][1:]), "a non-refresh iteration must not sample"
     assert samples > 0 and all(s > 0 for s in sampling["snopt-refresh"])
