@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch
+from torch import nn
 
 # The test modules import these helpers as ``snopt_dyn_bench``: a plain ``from conftest import`` would
 # pick up whichever conftest.py pytest loaded last once ``tests/`` and ``benchmarks/`` are collected
@@ -42,6 +43,17 @@ RESULTS_FILE = os.path.join(RESULTS_DIR, f"snopt-dyn-{MODE}.json")
 
 _results: Dict[str, dict] = {}
 _load_at_start = None
+
+
+class MLPField(nn.Module):
+    """The tanh MLP vector field ``f(t, z)`` shared by the adjoint benchmarks."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, width), nn.Linear(width, dim)
+
+    def forward(self, t, z):
+        return self.l2(torch.tanh(self.l1(z)))
 
 
 def pick(quick, full):

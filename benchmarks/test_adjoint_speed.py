@@ -36,7 +36,7 @@ from snopt_dyn.compare import get_task
 from snopt_dyn.compare.tasks.image import ConvField, build_image_model
 from snopt_dyn.models import CDEFunc
 
-from snopt_dyn_bench import FULL, finite_positive, interleaved, median, paired_ratio, pick
+from snopt_dyn_bench import MLPField, finite_positive, interleaved, median, paired_ratio, pick
 
 TOL = 1e-3
 
@@ -57,15 +57,6 @@ def _find(model: nn.Module, cls) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- models
-class MLPField(nn.Module):
-    def __init__(self, dim: int, width: int):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(dim, width), nn.Linear(width, dim)
-
-    def forward(self, t, z):
-        return self.l2(torch.tanh(self.l1(z)))
-
-
 class DigitsODE(nn.Module):
     """User code: Linear encoder -> ``torchdiffeq.odeint_adjoint`` on [0, 1] -> Linear head."""
 

@@ -37,7 +37,7 @@ import snopt_dyn
 from snopt_dyn import datasets
 from snopt_dyn.models import CDEFunc
 
-from snopt_dyn_bench import finite_positive, interleaved, median, paired_ratio, pick
+from snopt_dyn_bench import MLPField, finite_positive, interleaved, median, paired_ratio, pick
 
 DT = torch.float64
 TOLS = pick([1e-3], [1e-3, 1e-4, 1e-5, 1e-6, 1e-7])
@@ -46,15 +46,6 @@ LEVELS = [10.0 ** -k for k in range(1, 9)]  # accuracy levels of the table
 
 
 # ----------------------------------------------------------------------------------- models
-class MLPField(nn.Module):
-    def __init__(self, dim: int, width: int):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(dim, width), nn.Linear(width, dim)
-
-    def forward(self, t, z):
-        return self.l2(torch.tanh(self.l1(z)))
-
-
 class DigitsODE(nn.Module):
     """User code: Linear encoder -> ``torchdiffeq.odeint_adjoint`` on [0, 1] -> Linear head."""
 

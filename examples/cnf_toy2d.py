@@ -15,6 +15,7 @@ Run:  python examples/cnf_toy2d.py  [--seconds 60] [--out snopt-dyn-results/cnf_
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -75,8 +76,6 @@ def main():
 
 
 def plot(model: CNF, data: torch.Tensor, path: str, iters: int, clock: float) -> str:
-    import os
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

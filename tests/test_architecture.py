@@ -9,11 +9,9 @@ is an edge to the package's ``__init__``.  Run with ``-s`` to print the graph.
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"snopt_dyn": ROOT / "snopt_dyn", "snopt_dyn.adapters": ROOT / "adapters"}

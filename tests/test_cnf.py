@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import snopt_dyn
-from snopt_dyn.models.cnf import CNF, CNFField, ConcatSquashLinear, standard_normal_logprob
+from snopt_dyn.models.cnf import CNF, CNFField, standard_normal_logprob
 
 
 def _grads(model: nn.Module) -> torch.Tensor:

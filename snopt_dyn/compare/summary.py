@@ -6,13 +6,13 @@ import math
 import os
 import platform
 import statistics
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import torch
 
 import snopt_dyn
 from .optimizers import BASELINES
-from .verdict import Curve, SeedVerdict, better, plateau, seed_verdict, spread, time_to_reach, value_at, verdict_text
+from .verdict import Curve, SeedVerdict, better, seed_verdict, spread, value_at, verdict_text
 
 if TYPE_CHECKING:  # annotations only: the runner builds on this module
     from .runner import CompareResult, Run
@@ -75,26 +75,13 @@ def _seed_summary(result: "CompareResult", target: Optional[float], higher: bool
     baselines = [r.name for r in runs if r.kind in BASELINES]
     curves = {r.name: metric_curve(r) for r in runs}
     losses = {r.name: loss_curve(r) for r in runs}
-    test = _verdict(curves, snopt, baselines, higher, target)
-    train = _verdict(losses, snopt, baselines, False, None)
+    test = seed_verdict(curves, snopt or "", baselines, higher, target)
+    train = seed_verdict(losses, snopt or "", baselines, False)
     horizon = result.settings.get("budget_s") or min((r.clock for r in runs), default=0.0)
     rows = [_run_row(r, curves[r.name], losses[r.name], test, train, horizon) for r in runs]
     return dict(seed=runs[0].seed if runs else None, target=test.target, best_baseline=test.best_baseline,
                 fastest_baseline=test.fastest_baseline, ratio=test.ratio, loss_target=train.target,
                 loss_ratio=train.ratio, runs=rows)
-
-
-def _verdict(curves: Dict[str, Curve], snopt, baselines, higher: bool, target: Optional[float]) -> SeedVerdict:
-    if target is None:
-        return seed_verdict(curves, snopt, baselines, higher) if snopt else \
-            seed_verdict(curves, "", baselines, higher)
-    times = {n: time_to_reach(c, target, higher) for n, c in curves.items()}
-    reached = [b for b in baselines if times.get(b) is not None]
-    fastest = min(reached, key=lambda b: times[b]) if reached else None
-    ratio = None
-    if snopt and fastest is not None and times[fastest] > 0:
-        ratio = math.inf if times[snopt] is None else times[snopt] / times[fastest]
-    return SeedVerdict(target, None, fastest, {n: plateau(c) for n, c in curves.items()}, times, ratio)
 
 
 def _run_row(run: "Run", curve: Curve, losses: Curve, test: SeedVerdict, train: SeedVerdict, horizon: float) -> dict:

@@ -81,14 +81,18 @@ class SeedVerdict:
     ratio: Optional[float]              # SNOpt / fastest baseline; inf when SNOpt never reached it
 
 
-def seed_verdict(curves: Dict[str, Curve], snopt: str, baselines: Sequence[str], higher: bool) -> SeedVerdict:
-    """The verdict of one seed from each run's evaluation curve (pre-training point excluded)."""
+def seed_verdict(curves: Dict[str, Curve], snopt: str, baselines: Sequence[str], higher: bool,
+                 target: Optional[float] = None) -> SeedVerdict:
+    """The verdict of one seed from each run's evaluation curve (pre-training point excluded);
+    ``target`` fixes the target instead of the best baseline's plateau."""
     plateaus = {name: plateau(c) for name, c in curves.items()}
-    scored = [b for b in baselines if plateaus.get(b) is not None]
-    if not scored:
-        return SeedVerdict(None, None, None, plateaus, {n: None for n in curves}, None)
-    best = (max if higher else min)(scored, key=lambda b: plateaus[b])
-    target = plateaus[best]
+    best = None
+    if target is None:
+        scored = [b for b in baselines if plateaus.get(b) is not None]
+        if not scored:
+            return SeedVerdict(None, None, None, plateaus, {n: None for n in curves}, None)
+        best = (max if higher else min)(scored, key=lambda b: plateaus[b])
+        target = plateaus[best]
     times = {name: time_to_reach(c, target, higher) for name, c in curves.items()}
     reached = [b for b in baselines if times.get(b) is not None]
     fastest = min(reached, key=lambda b: times[b]) if reached else None

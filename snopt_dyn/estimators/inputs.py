@@ -15,7 +15,7 @@ series' first time step (a series' clock starts at 0).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
