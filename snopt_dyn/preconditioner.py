@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hooks
-from .curvature import checkpoint, distributed, ekfac
+from .curvature import checkpoint, distributed, ekfac, trust_region
 from .curvature.batching import backward_pass_id
 from .curvature.lifecycle import LayerHooks, foreign_solver
 from .curvature.pairing import Sampler
@@ -116,6 +116,17 @@ class SNOpt(hooks.EngineObserver):
         static_layers: precondition layers outside vector fields too.
         skip: names (as in ``model.named_modules()``) or types of layers to leave untouched.
         raise_on_nonfinite: raise :class:`NonFiniteError` instead of warning on NaN/Inf.
+        kl_clip: a trust region on the step (K-FAC's KL clip, see
+            :mod:`snopt_dyn.curvature.trust_region`): preconditioned gradients ``p = F⁻¹g`` are
+            scaled down so that the step's curvature form ``lr² pᵀFp`` (twice its KL, to second
+            order) is at most ``kl_clip``.  Default ``None``: no clip (the paper's update).
+        lr: the base optimizer's learning rate, needed by ``kl_clip``: the optimizer itself (its
+            first group's rate is read at every step, so schedules are followed), a number, or a
+            function of the step.
+
+    Layers of other kinds (``nn.GRUCell``, norms, free parameters) keep their raw gradient; give
+    them an optimizer of their own, e.g. ``torch.optim.Adam(precond.unpreconditioned_parameters())``
+    next to ``torch.optim.SGD(precond.preconditioned_parameters())``.
 
     ``damping``, ``alpha`` may be numbers or callables of the step count.  ``SNOpt`` cannot be
     copied or pickled (it is bound to its model): save ``state_dict()`` instead.
@@ -126,9 +137,13 @@ class SNOpt(hooks.EngineObserver):
                  num_samples: Optional[int] = None, loss_reduction: str = "mean",
                  moment: str = DEFAULT_MOMENT, batch_size: Optional[int] = None,
                  autograd_uses: bool = False, static_layers: bool = True, skip: Iterable[Union[str, type]] = (),
-                 raise_on_nonfinite: bool = False):
+                 raise_on_nonfinite: bool = False, kl_clip: Optional[float] = None,
+                 lr: Optional[trust_region.LearningRate] = None):
         self._check_args(model, damping, update_freq, alpha, sample_step, num_samples, loss_reduction,
                          moment, batch_size)
+        trust_region.check(kl_clip, lr)
+        self.kl_clip, self.lr = kl_clip, lr
+        self.last_clip: Optional[Tensor] = None  # ν of the last step (a tensor: reading it syncs)
         self.sample_spec_ = hooks.SampleSpec(step=float(sample_step)) if sample_step is not None else \
             hooks.SampleSpec(count=num_samples if num_samples is not None else 10)
         self.damping, self.alpha, self.update_freq = damping, alpha, update_freq
@@ -137,6 +152,8 @@ class SNOpt(hooks.EngineObserver):
         self.steps = self.refreshes = self.last_samples = 0
         self.step_time = self.total_step_time = 0.0
         self._layers: Dict[nn.Module, _LayerState] = self._find_layers(model, skip)
+        mine = {id(p) for st in self._layers.values() for p in st.module.parameters(recurse=False)}
+        self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
         self._sampler = Sampler(loss_reduction, batch_size, bool(autograd_uses))
         self._sampled = False  # whether any sampling evaluation ran in this refresh iteration
         self._warned_copies = False
@@ -185,9 +202,21 @@ class SNOpt(hooks.EngineObserver):
                 layers[module] = _LayerState(name=name, module=module, kind=kind)
         if unsupported:
             warnings.warn("SNOpt leaves these layers to the base optimizer (unsupported kinds; only "
-                          "nn.Linear, nn.Conv1d, nn.Conv2d are preconditioned): " + ", ".join(unsupported),
+                          "nn.Linear, nn.Conv1d, nn.Conv2d are preconditioned): " + ", ".join(unsupported)
+                          + ". They get their raw gradient at the base optimizer's rate; to train them with "
+                          "Adam instead, build torch.optim.Adam(precond.unpreconditioned_parameters()) next "
+                          "to the base optimizer over precond.preconditioned_parameters().",
                           UserWarning, stacklevel=3)
         return layers
+
+    def preconditioned_parameters(self) -> List[nn.Parameter]:
+        """The weights and biases of the layers SNOpt preconditions (for the base optimizer)."""
+        return [p for st in self._layers.values() for p in st.module.parameters(recurse=False) if p.requires_grad]
+
+    def unpreconditioned_parameters(self) -> List[nn.Parameter]:
+        """The model's other trainable parameters (unsupported layer kinds, skipped layers, free
+        parameters): their gradients are never changed by SNOpt; they may use an optimizer of their own."""
+        return list(self._others)
 
     def remove(self) -> None:
         """Detach from the model and the engine (the model keeps working without it)."""
@@ -315,6 +344,7 @@ class SNOpt(hooks.EngineObserver):
         if refresh:
             self._refresh(layers, factors)
         self._clear_stats()
+        updates = []
         for st in layers:
             grad = grads[st.module]
             if grad is None or st.u_a is None:
@@ -323,10 +353,21 @@ class SNOpt(hooks.EngineObserver):
             running = None
             if self.moment == "paper":
                 running = (alpha, st.batch, st.batch if self.loss_reduction == "sum" else 1.0)
-            new = ekfac.precondition(grad.to(st.u_a.dtype), st.u_g, st.u_a, st.m2, damping, running)
-            st.kind.set_grad(st.module, new)
+            updates.append((st, grad, ekfac.precondition(grad.to(st.u_a.dtype), st.u_g, st.u_a, st.m2,
+                                                          damping, running)))
+        self._set_grads(updates)
         self.steps += 1
         self._hooks.set_active(self.refreshing)
+
+    def _set_grads(self, updates: List[Tuple[_LayerState, Tensor, Tensor]]) -> None:
+        """Write the preconditioned gradients, scaled by the KL clip's ``ν`` when one is set."""
+        if self.kl_clip is not None and updates:
+            lr = trust_region.current_lr(self.lr, self.steps)
+            self.last_clip = trust_region.scale([g for _, g, _ in updates], [n for _, _, n in updates],
+                                                self.kl_clip, lr)
+            updates = [(st, g, n * self.last_clip.to(n.dtype)) for st, g, n in updates]
+        for st, _, new in updates:
+            st.kind.set_grad(st.module, new)
 
     def _nonfinite_names(self, grads: dict, factors: Dict[nn.Module, Factors]) -> List[str]:
         """Names of layers with NaN/Inf gradients or factors; one host sync when all is finite."""
@@ -449,7 +490,10 @@ class SNOpt(hooks.EngineObserver):
 
     def diagnostics(self) -> dict:
         """Counters: steps, refreshes, samples per ODE layer at the last refresh, extra field
-        evaluations spent on sampling (cumulative), and time spent in ``step()``."""
+        evaluations spent on sampling (cumulative), the KL clip's last scale ``ν`` (``None`` without a
+        clip), and time spent in ``step()``."""
+        clip = None if self.last_clip is None else float(self.last_clip)
         return {"steps": self.steps, "refreshes": self.refreshes, "last_samples": self.last_samples,
+                "kl_clip_scale": clip,
                 "sampling_nfe": self.sampling_nfe, "step_time": self.step_time,
                 "total_step_time": self.total_step_time, "layers": self.layers()}

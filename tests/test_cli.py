@@ -309,3 +309,38 @@ def test_snopt_variants_for_ablations(tmp_path, capsys):
     with open(out / "results.json") as fh:
         runs = {r["optimizer"]: r for r in json.load(fh)["summary"]["per_seed"][0]["runs"]}
     assert runs["snopt"]["refreshes"] == 1 and runs["snopt[update_freq=2]"]["refreshes"] == 2
+
+
+def test_snopt_base_optimizer_options(tmp_path, capsys):
+    """snopt[schedule=cosine;momentum=..;rest=adam;kl_clip=..]: the base optimizer's options are
+    split from SNOpt's, checked, and reach the run (cosine schedule, momentum, an Adam for the rest)."""
+    from torch import nn
+    import snopt_dyn
+    from snopt_dyn.compare.optimizers import Combined, make_snopt_base, parse_optimizer, split_snopt_options
+    snopt, base = split_snopt_options({"damping": 0.1, "schedule": "cosine", "rest": "adam", "rest_lr": 1e-3})
+    assert snopt == {"damping": 0.1} and base == {"schedule": "cosine", "rest": "adam", "rest_lr": 1e-3}
+    with pytest.raises(ValueError, match="schedule"):
+        parse_optimizer("snopt[schedule=linear]")
+    with pytest.raises(ValueError, match="rest"):
+        parse_optimizer("snopt[rest=lbfgs]")
+    model = nn.Sequential(nn.Linear(3, 3), nn.GRUCell(3, 3))
+    with pytest.warns(UserWarning, match="unpreconditioned_parameters"):
+        precond = snopt_dyn.SNOpt(model)
+    opt = make_snopt_base(precond, 0.1, momentum=0.5, rest="adam", rest_lr=1e-3)
+    assert isinstance(opt, Combined)
+    sgd, adam = opt.optimizers
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    assert {id(p) for p in adam.param_groups[0]["params"]} == {id(p) for p in model[1].parameters()}
+    precond.remove()
+
+    from snopt_dyn.compare import compare
+    task = get_task("image", "digits").prepare("cpu", max_train=16, max_test=24)
+    spec = "snopt[schedule=cosine;kl_clip=0.01;momentum=0.5]"
+    result = compare(task, ["snopt", spec], iters=4, eval_points=2, progress=False)
+    plain, variant = result.runs
+    assert plain.lr_schedule is None and plain.precond.kl_clip is None
+    assert variant.lr_schedule is not None and variant.precond.kl_clip == 0.01
+    group = variant.optimizer.param_groups[0]
+    assert group["momentum"] == 0.5 and group["lr"] < variant.lr  # decayed by the cosine
+    assert 0 < variant.precond.diagnostics()["kl_clip_scale"] <= 1

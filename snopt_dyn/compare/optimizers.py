@@ -42,7 +42,7 @@ def parse_optimizer(spec: str):
     kind = head.split("[", 1)[0]
     if kind not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
-    snopt_overrides(spec)  # checks the bracket
+    split_snopt_options(snopt_overrides(spec))  # checks the bracket and the base optimizer's options
     if not sep:
         return kind, None
     try:
@@ -123,6 +123,37 @@ def _soap(params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return SOAP(params, lr=lr)
 
 
+#: Keys of ``snopt[...]`` (and of a task's ``snopt`` defaults) that shape SNOpt's base optimizer in
+#: ``compare`` rather than SNOpt itself: ``schedule`` (``constant`` or ``cosine``: AdamW-cosine's
+#: warm-up and decay), ``momentum`` of the base SGD, ``rest`` (``sgd``, or ``adam`` for the layers
+#: SNOpt does not precondition, at ``rest_lr``, default the task's Adam rate).
+BASE_KEYS = ("schedule", "momentum", "rest", "rest_lr")
+SCHEDULES = ("constant", "cosine")
+RESTS = ("sgd", "adam")
+
+
+def split_snopt_options(options: Dict[str, object]):
+    """``(SNOpt's keyword arguments, the base optimizer's)``; ``ValueError`` on a bad base option."""
+    snopt = {k: v for k, v in options.items() if k not in BASE_KEYS}
+    base = {k: v for k, v in options.items() if k in BASE_KEYS}
+    if base.get("schedule", "constant") not in SCHEDULES:
+        raise ValueError(f"snopt[schedule=...] must be one of {SCHEDULES}, got {base['schedule']!r}")
+    if base.get("rest", "sgd") not in RESTS:
+        raise ValueError(f"snopt[rest=...] must be one of {RESTS}, got {base['rest']!r}")
+    return snopt, base
+
+
+def make_snopt_base(precond, lr: float, momentum: float = 0.0, rest: str = "sgd",
+                    rest_lr: Optional[float] = None, schedule: str = "constant") -> torch.optim.Optimizer:
+    """SNOpt's base optimizer: SGD over the preconditioned layers; the other parameters in the same
+    SGD (``rest="sgd"``, the paper's setting) or in an Adam of their own at ``rest_lr``."""
+    pre, others = precond.preconditioned_parameters(), precond.unpreconditioned_parameters()
+    if rest == "sgd" or not others:
+        return torch.optim.SGD(pre + others, lr=lr, momentum=float(momentum))
+    return Combined([torch.optim.SGD(pre, lr=lr, momentum=float(momentum)),
+                     torch.optim.Adam(others, lr=float(rest_lr if rest_lr is not None else lr))])
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The base optimizer of run ``name`` (for ``snopt``: the SGD that SNOpt preconditions)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,10 +174,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
 
 
-def lr_multiplier(name: str) -> Optional[Callable[[float], float]]:
+def lr_multiplier(name: str, schedule: str = "constant") -> Optional[Callable[[float], float]]:
     """The learning-rate schedule of run ``name`` as a function of the fraction of the budget spent
-    (training clock / budget, or iterations / iterations), or ``None`` for a constant rate."""
-    if name != "adamw-cosine":
+    (training clock / budget, or iterations / iterations), or ``None`` for a constant rate.
+    ``adamw-cosine``, and any run with ``schedule="cosine"``, warm up linearly and decay by a cosine."""
+    if name != "adamw-cosine" and schedule != "cosine":
         return None
 
     def warmup_cosine(progress: float) -> float:

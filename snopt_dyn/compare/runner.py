@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import snopt_dyn
-from .optimizers import (OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, parse_optimizer, set_lr,
-                         snopt_overrides)
+from .optimizers import (OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, make_snopt_base,
+                         parse_optimizer, set_lr, snopt_overrides, split_snopt_options)
 from .progress import progress_bar, status
 from .tasks.base import Task
 
@@ -183,17 +183,32 @@ def _check_optimizers(optimizers: Sequence[str]) -> Dict[str, tuple]:
 def _make_run(task: Task, name: str, kind: str, lr: float, seed: int, batch_size: int, snopt_kwargs: dict,
               notes: List[str]) -> Run:
     model = task.make_model(seed)
-    precond = None
+    precond, schedule = None, "constant"
     if kind == "snopt":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            precond = snopt_dyn.SNOpt(model, **{**snopt_kwargs, **snopt_overrides(name)})
-        notes += [str(w.message) for w in caught]
-    optimizer = make_optimizer(kind, model, lr)
+        precond, optimizer, schedule = _make_snopt(task, model, name, lr, snopt_kwargs, notes)
+    else:
+        optimizer = make_optimizer(kind, model, lr)
     return Run(name=name, kind=kind, lr=lr, model=model, optimizer=optimizer, precond=precond,
                generator=torch.Generator().manual_seed(seed), batch_size=batch_size, n_train=task.n_train,
-               lr_schedule=lr_multiplier(kind), seed=seed,
+               lr_schedule=lr_multiplier(kind, schedule), seed=seed,
                _base_lrs={id(g): g["lr"] for g in optimizer.param_groups})
+
+
+def _make_snopt(task: Task, model: nn.Module, name: str, lr: float, snopt_kwargs: dict, notes: List[str]):
+    """SNOpt, its base optimizer and schedule; the KL clip (if any) reads the base SGD's current rate."""
+    options, base = split_snopt_options({**snopt_kwargs, **snopt_overrides(name)})
+    holder: List[torch.optim.Optimizer] = []
+    if options.get("kl_clip") is not None:
+        options["lr"] = lambda step: holder[0].param_groups[0]["lr"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precond = snopt_dyn.SNOpt(model, **options)
+    notes += [str(w.message) for w in caught]
+    schedule = base.pop("schedule", "constant")
+    if base.get("rest") == "adam":
+        base.setdefault("rest_lr", task.lrs["adam"])
+    holder.append(make_snopt_base(precond, lr, **base))
+    return precond, holder[0], schedule
 
 
 def _check_identical_weights(runs: List[Run]) -> None:
