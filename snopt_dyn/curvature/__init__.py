@@ -6,6 +6,7 @@
 * :mod:`.pairing`      -- the extra field evaluations at the sample times, each layer call paired
                           with its own output gradient;
 * :mod:`.ekfac`        -- eigenbases, the second moment in the eigenbasis, the update;
+* :mod:`.trust_region` -- the optional KL clip on the preconditioned step;
 * :mod:`.distributed`  -- averaging over ``torch.distributed`` ranks in one collective;
 * :mod:`.checkpoint`   -- ``state_dict`` / ``load_state_dict`` with name, shape, dtype and device checks;
 * :mod:`.lifecycle`    -- the layer hooks: registered on refresh iterations only, removed with SNOpt,
