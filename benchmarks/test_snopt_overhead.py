@@ -26,6 +26,7 @@ import torch
 
 import snopt_dyn
 from snopt_dyn.compare import get_task
+from snopt_dyn.compare.optimizers import split_snopt_options
 
 from snopt_dyn_bench import finite_positive, interleaved, median, paired_ratio, pick
 
@@ -46,7 +47,7 @@ def test_snopt_overhead(benchmark, record, task_name):
         warnings.simplefilter("ignore")
         models = {k: task.make_model(seed=0) for k in ("sgd", "snopt", "snopt-refresh")}
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.0) for k, m in models.items()}
-    snopt_kwargs = dict(task.snopt)
+    snopt_kwargs, _ = split_snopt_options(task.snopt)  # the base optimizer's options do not apply here
     snopt_kwargs.pop("update_freq", None)
     preconds = {"snopt": snopt_dyn.SNOpt(models["snopt"], update_freq=10 ** 9, **snopt_kwargs),
                 "snopt-refresh": snopt_dyn.SNOpt(models["snopt-refresh"], update_freq=1, **snopt_kwargs)}
