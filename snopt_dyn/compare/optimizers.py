@@ -20,7 +20,8 @@ BASELINES = tuple(n for n in OPTIMIZER_NAMES if n != "snopt")
 #: Kept for code written against the first release (which had first-order baselines only).
 FIRST_ORDER = BASELINES
 OPTIMIZER_HELP = {
-    "snopt": "SNOpt preconditioner on SGD without momentum (the paper's setting)",
+    "snopt": "SNOpt preconditioner on SGD without momentum (the paper's setting), at a constant rate or with "
+             "AdamW-cosine's warm-up and cosine decay where the task's defaults say schedule=cosine",
     "adam": "torch.optim.Adam, constant learning rate",
     "sgd": "SGD with momentum 0.9",
     "sgd-plain": "SGD without momentum",
