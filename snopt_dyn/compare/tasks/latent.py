@@ -61,6 +61,10 @@ def _build_odernn(info) -> nn.Module:
 
 
 TUNING = (
+        "SNOpt's base: SGD with warm-up + cosine decay for the preconditioned layers, Adam (the task's Adam rate, 1e-2) "
+    "for the GRUCell SNOpt does not precondition (schedule=cosine, rest=adam), from an interleaved ablation (3 seeds, "
+    "30 s per run): plateau median 93.06% [90.96, 95.05] vs 87.75% with the GRUCell on SGD (cosine) and 83.81% for the "
+    "paper's setting (constant SGD for everything); adamw-cosine 93.27%, adam 90.93%, soap 83.93%. "
         "adamw-cosine, soap and muon were not tuned on this task: adamw-cosine and soap take Adam's tuned rate, muon 0.02. "
     "batch 32, seed 0, two sweeps. "
         "snopt: 0.01 72.8, 0.03 73.5/73.4, 0.1 64.3 -> 0.03. "
@@ -69,7 +73,7 @@ TUNING = (
         "explodes, the solver stops) -> 1e-3. "
         "sgd-plain: 0.01 16.5, 0.03 36.3, 0.1 diverged -> 0.03. "
         "SNOpt: one sample per gap solve (sample step 1.0 on each [0, 1] solve); the GRUCell is "
-        "left to the base SGD (not a Linear/Conv layer).")
+        "not preconditioned (not a Linear/Conv layer).")
 
 
 def make_task(data: str) -> Task:
@@ -79,6 +83,6 @@ def make_task(data: str) -> Task:
         description="ODE-RNN classifier (snopt_dyn.models.ODERNN), 50% of observations dropped",
         batch_size=32, budget=30.0,
         lrs={"snopt": 0.03, "adam": 1e-2, "sgd": 1e-3, "sgd-plain": 0.03, "adamw-cosine": 1e-2, "muon": 0.02, "soap": 3e-3},
-        snopt=dict(damping=0.05, update_freq=50, sample_step=1.0),
+        snopt=dict(damping=0.05, update_freq=50, sample_step=1.0, schedule="cosine", rest="adam"),
         loader=functools.partial(_load_series_irregular, data), builder=_build_odernn,
         data=data or "japanese_vowels")
