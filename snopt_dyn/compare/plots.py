@@ -52,6 +52,16 @@ def band(runs: Sequence["Run"], scale: float, points: int = 60):
     return grid, np.median(values, axis=0), values.min(axis=0), values.max(axis=0)
 
 
+def _label(run) -> str:
+    """The legend's name of a run; SNOpt's says what its base optimizer does (schedule, other layers)."""
+    if run.kind != "snopt":
+        return LABELS.get(run.kind, run.kind)
+    base = ["SGD"] + (["cosine"] if run.lr_schedule is not None else [])
+    if len(getattr(run.optimizer, "optimizers", ())) > 1:
+        base.append("Adam for other layers")
+    return f"SNOpt ({', '.join(base)})"
+
+
 def plot_curves(results: Results, summary: dict, fh) -> None:
     """Test metric vs training wall-clock: each optimizer's median over seeds, with a [min, max] band."""
     plt = import_pyplot()
@@ -68,7 +78,7 @@ def plot_curves(results: Results, summary: dict, fh) -> None:
                 continue
             grid, med, low, high = curve
             color = _color(run, first)
-            label = run.name if "[" in run.name else LABELS.get(run.kind, run.kind)
+            label = run.name if "[" in run.name else _label(run)
             ax.plot(grid, med, lw=1.8, color=color, label=f"{label}, lr {run.lr:g}")
             if len(results) > 1:
                 ax.fill_between(grid, low, high, color=color, alpha=0.15, lw=0)
