@@ -18,9 +18,9 @@ for step in $STEPS; do
       "snopt[schedule=constant;rest=sgd],snopt[schedule=cosine;rest=sgd],snopt[schedule=cosine;rest=adam],adam,adamw-cosine,soap" ;;
     # 5 seeds, the shipped defaults against the baselines
     timeseries) run "$step" --task timeseries --seeds 5 --optimizers snopt,adamw-cosine,soap,adam ;;
-    image) run "$step" --task image --max-test 500 --seeds 5 --optimizers snopt,adamw-cosine,soap,adam ;;
+    image) run "$step" --task image --max-test 500 --seeds 5 --optimizers "snopt,snopt[update_freq=20],adamw-cosine,soap,adam" ;;
     latent) run "$step" --task latent --seeds 5 --optimizers snopt,adamw-cosine,soap,adam ;;
-    flow) run "$step" --task flow --seeds 5 --optimizers snopt,adamw-cosine,soap,adam ;;
+    flow) run "$step" --task flow --seeds 5 --max-test 1000 --eval-points 12 --optimizers snopt,adamw-cosine,soap,adam ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
