@@ -26,7 +26,7 @@ class ODERNNClassifier(SeriesClassifier):
 
     #: the main job's latent-task learning rates
     _default_lrs = {"snopt": 0.03, "adam": 1e-2, "sgd": 1e-3}
-    #: SNOpt preconditions Linear/Conv layers; the GRU cell is left to the base SGD (as in the main job)
+    #: SNOpt preconditions Linear/Conv layers; the GRU cell is left to the base SGD (the main job gives it an Adam)
     _snopt_defaults = {"skip": (nn.GRUCell,)}
 
     def _encode(self, data, scaling: preprocessing.Scaling) -> Tensor:
