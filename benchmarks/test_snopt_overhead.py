@@ -30,11 +30,12 @@ from snopt_dyn.compare.optimizers import split_snopt_options
 
 from snopt_dyn_bench import finite_positive, interleaved, median, paired_ratio, pick
 
-TASKS = ["timeseries", "image"]
+TASKS = ["timeseries", "image", "latent", "flow"]
+_NEEDS = {"timeseries": "torchcde", "image": "torchdyn", "latent": "torchdiffeq", "flow": "torchdiffeq"}
 
 
 def _prepared(name):
-    pytest.importorskip("torchcde" if name == "timeseries" else "torchdyn")
+    pytest.importorskip(_NEEDS[name])
     return get_task(name).prepare("cpu", max_test=1)
 
 
