@@ -17,16 +17,14 @@ from snopt_dyn.compare.optimizers import BASELINES
 
 
 def _fmt(value, pct):
-    if value is None:
-        return "never"
-    if math.isinf(value):
+    if value is None or math.isinf(value):
         return "never"
     return f"{100 * value:.2f} %" if pct else f"{value:.2f}"
 
 
 def table(results: dict) -> str:
-    summary = summary_ = results["summary"]
-    pct = summary_["metric"] == "accuracy"
+    summary = results["summary"]
+    pct = summary["metric"] == "accuracy"
     names = [o["optimizer"] for o in summary["optimizers"]]
     lines = ["| run | plateau median [min, max] | ratio per seed (vs fastest baseline) | median ratio | "
              "train-loss plateau (median) |", "|---|---|---|---|---|"]

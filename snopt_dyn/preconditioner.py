@@ -490,10 +490,10 @@ class SNOpt(hooks.EngineObserver):
 
     def diagnostics(self) -> dict:
         """Counters: steps, refreshes, samples per ODE layer at the last refresh, extra field
-        evaluations spent on sampling (cumulative), the KL clip's last scale ``ν`` (``None`` without a
-        clip), and time spent in ``step()``."""
-        clip = None if self.last_clip is None else float(self.last_clip)
+        evaluations spent on sampling (cumulative), the KL clip's last scale ``ν`` (a 0-dim tensor,
+        left on its device so that logging every step costs no sync; ``None`` without a clip), and
+        time spent in ``step()``."""
         return {"steps": self.steps, "refreshes": self.refreshes, "last_samples": self.last_samples,
-                "kl_clip_scale": clip,
+                "kl_clip_scale": self.last_clip,
                 "sampling_nfe": self.sampling_nfe, "step_time": self.step_time,
                 "total_step_time": self.total_step_time, "layers": self.layers()}

@@ -343,4 +343,27 @@ def test_snopt_base_optimizer_options(tmp_path, capsys):
     assert variant.lr_schedule is not None and variant.precond.kl_clip == 0.01
     group = variant.optimizer.param_groups[0]
     assert group["momentum"] == 0.5 and group["lr"] < variant.lr  # decayed by the cosine
-    assert 0 < variant.precond.diagnostics()["kl_clip_scale"] <= 1
+    assert 0 < float(variant.precond.diagnostics()["kl_clip_scale"]) <= 1
+
+
+def test_kl_clip_reads_the_rate_of_the_step_it_clips(monkeypatch):
+    """Under a schedule the rate is set before ``precond.step()``, so the clip sees the rate
+    ``optimizer.step()`` then uses (not the previous iteration's)."""
+    import snopt_dyn
+    from snopt_dyn.compare import compare
+    seen, used = [], []
+    step, sgd_step = snopt_dyn.SNOpt.step, torch.optim.SGD.step
+
+    def recording_step(self):
+        seen.append(self.lr(self.steps))
+        return step(self)
+
+    def recording_sgd_step(self, closure=None):
+        used.append(self.param_groups[0]["lr"])
+        return sgd_step(self, closure)
+
+    monkeypatch.setattr(snopt_dyn.SNOpt, "step", recording_step)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_sgd_step)
+    task = get_task("image", "digits").prepare("cpu", max_train=16, max_test=24)
+    compare(task, ["snopt[schedule=cosine;kl_clip=0.01]"], iters=4, eval_points=2, progress=False)
+    assert len(seen) == 4 and seen == used and len(set(used)) > 1

@@ -82,7 +82,7 @@ def test_a_binding_clip_keeps_the_direction_and_meets_the_bound():
     vg = lr ** 2 * sum(float((plain[n] * raw[n]).sum()) for n in names)
     bound = vg / 100  # binds: nu = 0.1
     _, precond, _, clipped = _grads_after_steps(kl_clip=bound, lr=lr)
-    nu = precond.diagnostics()["kl_clip_scale"]
+    nu = float(precond.diagnostics()["kl_clip_scale"])
     assert nu == pytest.approx(0.1, rel=1e-9)
     # the clipped step's curvature form lr² pᵀFp, with F p = nu g for the clipped p, is on the bound
     got = nu * lr ** 2 * sum(float((clipped[n] * raw[n]).sum()) for n in names)
@@ -126,7 +126,7 @@ def test_clip_follows_the_optimizers_schedule():
         model.zero_grad()
         F.mse_loss(model(x), y).backward()
         precond.step()
-        scales.append(precond.diagnostics()["kl_clip_scale"])
+        scales.append(float(precond.diagnostics()["kl_clip_scale"]))
     # same weights (no opt.step), same gradient, fixed moment (kfac): nu is inversely proportional to lr
     assert scales[1] == pytest.approx(2 * scales[0], rel=1e-9)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING, List, Sequence
 
+from .optimizers import Combined
 from .summary import Results, _as_list, fmt_metric, machine_info
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def _label(run) -> str:
     if run.kind != "snopt":
         return LABELS.get(run.kind, run.kind)
     base = ["SGD"] + (["cosine"] if run.lr_schedule is not None else [])
-    if len(getattr(run.optimizer, "optimizers", ())) > 1:
+    if isinstance(run.optimizer, Combined):  # SGD for the preconditioned layers, Adam for the rest
         base.append("Adam for other layers")
     return f"SNOpt ({', '.join(base)})"
 

@@ -268,6 +268,9 @@ def _train_iteration(task: Task, run: Run, device, schedule: _Schedule) -> None:
     _sync(device)
     tic = time.perf_counter()
     try:
+        if run.lr_schedule is not None:  # before precond.step(): its KL clip reads the current rate
+            spent = run.clock / budget if budget is not None else run.iters / iters
+            set_lr(run.optimizer, run._base_lrs, run.lr_schedule(spent))
         run.optimizer.zero_grad(set_to_none=True)
         loss = task.loss(run.model, index)
         loss.backward()
@@ -275,9 +278,6 @@ def _train_iteration(task: Task, run: Run, device, schedule: _Schedule) -> None:
             run.precond.step()
         loss_value = float(loss.detach())
         if math.isfinite(loss_value):
-            if run.lr_schedule is not None:
-                spent = run.clock / budget if budget is not None else run.iters / iters
-                set_lr(run.optimizer, run._base_lrs, run.lr_schedule(spent))
             run.optimizer.step()
         _sync(device)
     except _DIVERGED as exc:  # this run diverged or its solver gave up: stop it, keep the others

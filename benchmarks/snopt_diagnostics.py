@@ -1,0 +1,90 @@
+"""Two measurements behind BENCHMARKS.md's prose, as commands.
+
+``steps``: the length of SNOpt's preconditioned step per iteration on a task (``|P g| / |g|``, and
+``lr² ⟨P g, g⟩``, the KL clip's quantity), marking refreshes: where long steps happen.
+
+``phases``: two twins of a task's model (same seed, same warm-up), one with SNOpt attached and never
+refreshing, timed by phase (forward, backward, ``step()``) over interleaved rounds: whether SNOpt
+costs anything outside its own ``step()``.
+
+    python benchmarks/snopt_diagnostics.py steps timeseries 45
+    python benchmarks/snopt_diagnostics.py phases flow 15
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import snopt_dyn
+from snopt_dyn.compare import get_task
+from snopt_dyn.compare.optimizers import split_snopt_options
+
+
+def _setup(name: str):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    task = get_task(name).prepare("cpu", max_test=1)
+    options, _ = split_snopt_options(task.snopt)
+    return task, options
+
+
+def steps(name: str, iterations: int) -> None:
+    task, options = _setup(name)
+    model = task.make_model(0)
+    precond = snopt_dyn.SNOpt(model, **options)
+    lr = task.lrs["snopt"]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for it in range(iterations):
+        index = torch.randint(0, task.n_train, (task.batch_size,), generator=gen)
+        opt.zero_grad()
+        loss = task.loss(model, index)
+        loss.backward()
+        raw = [p.grad.clone() for p in model.parameters()]
+        refresh = precond.refreshing
+        precond.step()
+        new = [p.grad for p in model.parameters()]
+        g, pg = (sum(float(t.norm() ** 2) for t in ts) ** 0.5 for ts in (raw, new))
+        kl = lr ** 2 * sum(float((a * b).sum()) for a, b in zip(raw, new))
+        opt.step()
+        print(f"{it:4d} {'R' if refresh else ' '} loss {float(loss):.3f} |g| {g:.3f} |Pg| {pg:.2f} "
+              f"|Pg|/|g| {pg / g:.1f} lr²<Pg,g> {kl:.2e}")
+
+
+def phases(name: str, rounds: int) -> None:
+    task, options = _setup(name)
+    options.pop("update_freq", None)
+    index = torch.arange(task.batch_size)
+    twins = [task.make_model(0) for _ in range(2)]
+    precond = snopt_dyn.SNOpt(twins[1], update_freq=10 ** 9, **options)
+
+    def iteration(model, p):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = task.loss(model, index)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if p is not None:
+            p.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    iteration(twins[0], None), iteration(twins[1], precond)  # equal warm-up (SNOpt's refresh)
+    times = {0: [], 1: []}
+    for _ in range(rounds):
+        for k in (0, 1):
+            times[k].append(iteration(twins[k], precond if k else None))
+    for k, label in ((0, "without SNOpt"), (1, "with SNOpt  ")):
+        fwd, bwd, stp = (1e3 * statistics.median(t[i] for t in times[k]) for i in range(3))
+        print(f"{label}: forward {fwd:.1f} ms, backward {bwd:.1f} ms, step() {stp:.1f} ms")
+    total = [sum(statistics.median(t[i] for t in times[k]) for i in range(3)) for k in (0, 1)]
+    print(f"ratio with/without: x{total[1] / total[0]:.3f}")
+
+
+if __name__ == "__main__":
+    what, task_name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    {"steps": steps, "phases": phases}[what](task_name, count)
