@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 import torchdiffeq
 
-from .. import hooks
+from .. import hooks, per_sample
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..discovery import all_namespaces
 from ..interception import ROUTE, Route, WrapOptions, reroute, restore_originals, route_of
@@ -95,15 +95,31 @@ def _cell_filled(cell) -> bool:
     return True
 
 
-def _engine_kwargs(options: WrapOptions, kwargs: dict) -> dict:
+def _engine_kwargs(options: WrapOptions, kwargs: dict, func) -> dict:
     """The user's arguments with wrap's overrides applied (forward and backward)."""
     kwargs = dict(kwargs)
+    evaluating = per_sample.is_evaluation(tuple(m for m in func.modules() if ROUTE in m.__dict__))
+    tol = options.eval_tol if evaluating else None
     for key in ("method", "rtol", "atol"):
-        value = getattr(options, key)
+        value = tol if tol is not None and key != "method" else getattr(options, key)
         if value is not None:
             kwargs[key] = kwargs[f"adjoint_{key}"] = value
     kwargs["seminorm"] = options.seminorm
-    return kwargs if _engine_is_new() else _for_old_engine(kwargs)
+    if not _engine_is_new():
+        return _for_old_engine(kwargs)
+    kwargs["per_sample_error"] = _per_sample(options.per_sample_error, evaluating, kwargs.get("options"))
+    return kwargs
+
+
+def _per_sample(mode, evaluating: bool, user_options: Optional[dict]) -> bool:
+    """Whether this solve gets per-sample error control (wrap's ``per_sample_error``); a solve's own
+    ``options["norm"]`` wins, with a warning when wrap asked for per-sample control always."""
+    if user_options and user_options.get("norm") is not None:
+        if mode is True:
+            _warn_once("user-norm", "snopt_dyn.wrap(per_sample_error=True): this solve passes its own "
+                                    "options['norm'], which is kept; drop it to get per-sample error control")
+        return False
+    return evaluating if mode == "eval" else bool(mode)
 
 
 def _for_old_engine(kwargs: dict) -> dict:
@@ -154,7 +170,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     route = _engine_route(func)
     if route is None:
         return ORIGINALS["odeint_adjoint"](func, y0, t, **kwargs)
-    kwargs = _engine_kwargs(route.options, kwargs)
+    kwargs = _engine_kwargs(route.options, kwargs, func)
     return _engine_odeint_adjoint(func, y0, _horizon(t, y0, route), backend="torchdiffeq", **kwargs)
 
 
@@ -184,7 +200,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     route = _engine_route(func)
     if route is None:
         return ORIGINALS["odeint"](func, y0, t, **kwargs)
-    kwargs = _engine_kwargs(route.options, dict(kwargs, adjoint_params=_module_tensors(func)))
+    kwargs = _engine_kwargs(route.options, dict(kwargs, adjoint_params=_module_tensors(func)), func)
     return _engine_odeint_adjoint(func, y0, _horizon(t, y0, route), backend="torchdiffeq", **kwargs)
 
 

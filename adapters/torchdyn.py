@@ -30,6 +30,7 @@ integral loss is carried in the state by torchdyn's ``DEFunc`` and works unchang
 """
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -41,7 +42,7 @@ from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..terminal_time import attach_terminal_time, rescale_to_horizon, terminal_time_leaf
-from .. import hooks
+from .. import hooks, per_sample
 from ..interception import WrapOptions
 
 _ENGINE_SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "tsit5")
@@ -78,13 +79,20 @@ def _settings(node: NeuralODE, options: WrapOptions) -> dict:
         rtol = adjoint_rtol = options.rtol
     if options.atol is not None:
         atol = adjoint_atol = options.atol
+    if options.eval_tol is not None and per_sample.is_evaluation((node,)):
+        rtol = atol = adjoint_rtol = adjoint_atol = options.eval_tol
     return dict(method=method, rtol=float(rtol), atol=float(atol), adjoint_method=adjoint_method,
                 adjoint_rtol=float(adjoint_rtol), adjoint_atol=float(adjoint_atol), seminorm=options.seminorm)
 
 
 def check(node: NeuralODE, options: WrapOptions) -> None:
     """Raise ``ValueError`` when ``node`` cannot run on the engine (nothing is changed)."""
-    _settings(node, options)
+    settings = _settings(node, options)
+    if options.per_sample_error is True and settings["method"] not in _FIXED_STEP:
+        raise ValueError(f"snopt_dyn.wrap(per_sample_error=True): torchdyn's adaptive solver "
+                         f"{settings['method']!r} takes no custom error norm; use a fixed-step solver "
+                         "(euler, midpoint, rk4: their steps do not depend on the batch) or "
+                         "per_sample_error='eval'/False")
     if node.integral_loss is not None and node.sensitivity != "autograd":
         raise ValueError("snopt_dyn.wrap: a NeuralODE with integral_loss and sensitivity="
                          f"{node.sensitivity!r} is not supported (the engine adjoint does not integrate the "
@@ -108,6 +116,7 @@ class _EngineSolveMixin:
         if self.sensitivity == "interpolated_adjoint" and settings["method"] not in _FIXED_STEP:
             solver = self.solver if options.method is None else settings["method"]
             t_span = _solver_points(self.vf, x, t_span, solver, settings)
+        _warn_if_batch_dependent(self, options, settings["method"])
         sol = _engine_odeint_adjoint(self.vf, x, t_span, backend="torchdyn", **settings)
         if settings["method"] in _FIXED_STEP and len(save_at) > 0:
             save_at = torch.as_tensor(save_at).to(t_span)
@@ -120,6 +129,21 @@ class _EngineSolveMixin:
     def trajectory(self, x: Tensor, t_span: Tensor) -> Tensor:
         x, t_span = self._prep_integration(x, t_span)
         return self.odeint(x, t_span)[1]
+
+
+_warned: set = set()
+
+
+def _warn_if_batch_dependent(node: NeuralODE, options: WrapOptions, method: str) -> None:
+    """With ``per_sample_error="eval"``, say once that torchdyn's adaptive solvers cannot give it."""
+    if options.per_sample_error != "eval" or method in _FIXED_STEP or "eval" in _warned:
+        return
+    if per_sample.is_evaluation((node,)):
+        _warned.add("eval")
+        warnings.warn(f"snopt_dyn.wrap: torchdyn's adaptive solver {method!r} has one error norm over the "
+                      "whole batch (no per-sample error control), so a prediction can depend on the other "
+                      "samples of its batch at about the solver tolerance; predict with a tighter rtol/atol, "
+                      "a fixed-step solver, or one batch size throughout", RuntimeWarning, stacklevel=4)
 
 
 def _solver_points(vf, x: Tensor, t_span: Tensor, solver, settings: dict) -> Tensor:

@@ -10,10 +10,11 @@ from . import hooks
 from .adjoint import NFECounter, nfe, odeint_adjoint
 from .errors import NonFiniteError, SolverError
 from .interception import no_interception
+from .per_sample import per_sample_norm
 from .preconditioner import SNOpt
 from .terminal_time import TerminalTimeOptimizer
 from .wrapping import restore_originals, wrap
 
-__all__ = ["odeint_adjoint", "wrap", "no_interception", "restore_originals", "SNOpt", "NonFiniteError",
+__all__ = ["odeint_adjoint", "wrap", "no_interception", "restore_originals", "SNOpt", "NonFiniteError", "per_sample_norm",
            "TerminalTimeOptimizer", "SolverError", "NFECounter", "nfe", "hooks"]
 __version__ = "0.2.0"

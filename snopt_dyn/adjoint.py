@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import hooks
 from .augmented import CALLBACKS, AugmentedDynamics
 from .errors import SolverError
+from .per_sample import per_sample_norm
 from .sampling import Sampler
 from .solvers import SolverBackend, get_backend
 from .structure import Structure, adjoint_norm
@@ -282,13 +283,23 @@ def _adjoint_settings(method: str, options: Optional[dict], adjoint_method: Opti
     return adjoint_method, adjoint_options, False, norm
 
 
-def _forward_settings(structure: Structure, options: Optional[dict], backend: SolverBackend, func) -> tuple:
+def _forward_settings(structure: Structure, options: Optional[dict], backend: SolverBackend, func,
+                      per_sample: bool = False, method: str = "dopri5") -> tuple:
     """The forward options without ``"norm"``, and the forward norm on the flat state (None: the
-    solver's default, which equals torchdiffeq's for a tensor state)."""
+    solver's default, which equals torchdiffeq's for a tensor state).  ``per_sample``: the norm of
+    :mod:`snopt_dyn.per_sample` (forward, and through it ``z`` and ``a`` of the backward)."""
     options = dict(options or {})
     user_norm = options.pop("norm", None)
     if user_norm is not None and not callable(user_norm):
         raise TypeError(f"options['norm'] must be a callable, got {type(user_norm).__name__}")
+    if per_sample and backend.is_adaptive(method):
+        if user_norm is not None:
+            raise ValueError("options['norm'] and per_sample_error=True both set the error norm; pass one "
+                             "(options={'norm': snopt_dyn.per_sample_norm} is the same as per_sample_error=True)")
+        if backend.name != "torchdiffeq":
+            raise ValueError(f"per_sample_error=True needs backend='torchdiffeq': backend {backend.name!r} takes no "
+                             "custom error norm (its fixed-step methods need none)")
+        user_norm = per_sample_norm
     if backend.name != "torchdiffeq":
         if user_norm is not None:
             raise ValueError(f"backend {backend.name!r} takes no custom norm; use backend='torchdiffeq'")
@@ -326,7 +337,7 @@ def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]],
                    event_fn: Optional[Callable] = None, adjoint_rtol: Optional[float] = None,
                    adjoint_atol: Optional[float] = None, adjoint_method: Optional[str] = None,
                    adjoint_options: Optional[dict] = None, adjoint_params: Optional[Sequence[Tensor]] = None,
-                   backend: str = "torchdiffeq", seminorm: bool = False,
+                   backend: str = "torchdiffeq", seminorm: bool = False, per_sample_error: bool = False,
                    max_nfe: int = DEFAULT_MAX_NFE) -> State:
     """Solve ``dz/dt = func(t, z)``, ``z(t[0]) = y0``; return ``z`` at every time in ``t`` (time first).
 
@@ -351,6 +362,10 @@ def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]],
         backend: ``"torchdiffeq"`` or ``"torchdyn"`` (its fixed-step solvers step on ``t``).
         seminorm: measure the backward error without the parameter adjoints (Kidger et al. 2020).
             Off by default, as in torchdiffeq.
+        per_sample_error: error control per sample (:func:`snopt_dyn.per_sample_norm`: the largest
+            per-sample RMS, dim 0 the batch) for the forward solve and the ``z``, ``a`` parts of the
+            backward, so each sample meets the tolerance on its own and its output hardly depends on
+            the other samples of the batch.  Off by default (torchdiffeq's one RMS over the batch).
         max_nfe: a solve that needs more field evaluations than this raises :class:`SolverError`.
     """
     if not callable(func):
@@ -372,7 +387,7 @@ def odeint_adjoint(func: Callable, y0: State, t: Union[Tensor, Sequence[float]],
     solver.check_method(adjoint_method)
     params = _adjoint_params(func, adjoint_params)
     structure = Structure(y0)
-    fwd_options, state_norm = _forward_settings(structure, options, solver, func)
+    fwd_options, state_norm = _forward_settings(structure, options, solver, func, bool(per_sample_error), method)
     setup = _Setup(func=func, field=_Field(func, structure, max_nfe), structure=structure, backend=solver,
                    t_host=t_host, method=method, rtol=rtol, atol=atol, options=fwd_options,
                    state_norm=state_norm, adjoint_method=adjoint_method,

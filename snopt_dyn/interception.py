@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -32,7 +32,10 @@ class WrapOptions:
     ``method``, ``rtol``, ``atol``: ``None`` keeps the user's solver and tolerances; a value overrides
     them for the forward *and* the backward (adjoint) solve.  ``seminorm``: the engine's ``seminorm``
     keyword (a call's own ``adjoint_options["norm"]`` wins over it).  ``train_terminal_time`` and
-    ``terminal_time``: the trainable horizon (see :func:`snopt_dyn.wrap`).
+    ``terminal_time``: the trainable horizon (see :func:`snopt_dyn.wrap`).  ``per_sample_error``:
+    error control per sample (:mod:`snopt_dyn.per_sample`) always (``True``), never (``False``) or
+    for evaluations only (``"eval"``: solves without a gradient or with the model in eval mode).
+    ``eval_tol``: rtol and atol of evaluation solves (``None`` keeps the solve's own).
     """
 
     seminorm: bool = True
@@ -41,6 +44,11 @@ class WrapOptions:
     atol: Optional[float] = None
     train_terminal_time: bool = False
     terminal_time: Optional[float] = None
+    per_sample_error: Union[bool, str] = "eval"
+    eval_tol: Optional[float] = None
+
+    def __setstate__(self, state: dict) -> None:  # models pickled before these options existed
+        self.__dict__.update({"per_sample_error": "eval", "eval_tol": None, **state})
 
 
 class Route:

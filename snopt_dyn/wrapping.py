@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from torch import nn
 
 from . import discovery
 from .interception import Route, WrapOptions, mark, no_interception
+from .per_sample import check_mode
 from .terminal_time import attach_terminal_time, validate_terminal_time
 
 __all__ = ["wrap", "restore_originals", "no_interception", "WrapOptions", "SUPPORTED"]
@@ -101,6 +102,14 @@ def _is_sde(model: nn.Module) -> bool:
     return any(hasattr(m, "noise_type") and hasattr(m, "sde_type") for m in model.modules())
 
 
+def _tolerance(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"eval_tol must be a positive number or None, got {value!r}")
+    return float(value)
+
+
 def _nothing_found(model: nn.Module) -> ValueError:
     return ValueError(
         f"snopt_dyn.wrap found nothing to intercept in {type(model).__name__}: no torchdyn NeuralODE, no "
@@ -155,7 +164,8 @@ def _route_solver_calls(model: nn.Module, survey: _Survey, options: WrapOptions)
 
 def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = None,
          rtol: Optional[float] = None, atol: Optional[float] = None,
-         train_terminal_time: bool = False, terminal_time: Optional[float] = None) -> nn.Module:
+         train_terminal_time: bool = False, terminal_time: Optional[float] = None,
+         per_sample_error: Union[bool, str] = "eval", eval_tol: Optional[float] = None) -> nn.Module:
     """Make every ODE/CDE solve of ``model`` run on the engine adjoint; return ``model`` itself.
 
     * **No copies**: the same object comes back, with the same parameter tensors (an optimizer made
@@ -181,6 +191,17 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
             exact gradient from the engine adjoint, is saved in ``state_dict`` but is not in
             ``parameters()``: train it with :class:`snopt_dyn.TerminalTimeOptimizer`.  A Neural CDE
             (horizon fixed by the data) or a torchsde model raises ``ValueError``.
+        per_sample_error: error control per sample (:func:`snopt_dyn.per_sample_norm`, forward and
+            backward) so that a sample's output does not depend on the others in its batch beyond
+            the tolerance: ``"eval"`` (default) for solves without a gradient or with the model in
+            eval mode -- predictions -- and torchdiffeq's one norm over the batch for training (the
+            per-sample norm costs more steps there, see BENCHMARKS.md); ``True`` always, ``False``
+            never.  torchdyn's adaptive solvers take no custom norm: ``True`` raises for them, and
+            ``"eval"`` warns once that their predictions stay batch-dependent.
+        eval_tol: rtol and atol of evaluation solves (no gradient, or the model in eval mode);
+            ``None`` keeps the solve's own.  The steps are still shared by a batch, so a sample's
+            output moves with its companions by about the global error; a tighter tolerance for
+            predictions is what bounds that (BENCHMARKS.md: batch dependence).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -190,7 +211,8 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap expects an nn.Module, got {type(model).__name__}. {SUPPORTED}")
     options = WrapOptions(seminorm=bool(seminorm), method=method, rtol=rtol, atol=atol,
-                          train_terminal_time=bool(train_terminal_time), terminal_time=terminal_time)
+                          train_terminal_time=bool(train_terminal_time), terminal_time=terminal_time,
+                          per_sample_error=check_mode(per_sample_error), eval_tol=_tolerance(eval_tol))
     survey = _survey(model)
     _check_terminal_time(model, survey, options)
     if not survey.nodes and survey.family is None:

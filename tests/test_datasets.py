@@ -304,3 +304,34 @@ def test_diamonds() -> None:
     torch.testing.assert_close(splits["val"] * std + mean, logged, atol=1e-3, rtol=1e-4)
     # the split is stored, not redrawn: same rows every call
     assert torch.equal(load_diamonds("test"), splits["test"])
+
+
+# ------------------------------------------------------------------ control paths of the Neural CDE
+@pytest.mark.parametrize("data", ["japanese_vowels", "basic_motions"])
+def test_main_job_time_channel_never_runs_backwards(data):
+    """The time channel's derivative is >= 0 everywhere, for series of every length of the data set
+    (a spline built on padded series had -0.012 on JapaneseVowels: time ran backwards)."""
+    torchcde = pytest.importorskip("torchcde")
+    from snopt_dyn.compare.tasks.timeseries import _load_series_cde
+
+    (ctr, _), (cte, _), info = _load_series_cde(data)
+    grid = torch.linspace(0, info["length"] - 1, 40 * (info["length"] - 1) + 1)
+    for coeffs in (ctr, cte):
+        path = torchcde.CubicSpline(coeffs)
+        slope = torch.stack([path.derivative(t)[:, 0] for t in grid])
+        assert float(slope.min()) >= -1e-6, f"time channel derivative reaches {float(slope.min()):.4f}"
+
+
+def test_main_job_and_estimators_share_one_spline_helper():
+    """One helper for both: the estimators' coefficients of the same standardised series equal the main job's."""
+    pytest.importorskip("torchcde")
+    from snopt_dyn.compare.tasks.timeseries import _load_series_cde
+    from snopt_dyn.estimators import preprocessing
+
+    train = ds.load_japanese_vowels("train", standardize=True)
+    (ctr, _), _, info = _load_series_cde("japanese_vowels")
+    scaling = preprocessing.Scaling(mean=torch.zeros(train.num_channels), std=torch.ones(train.num_channels),
+                                    time_span=float(info["length"] - 1), time_unit=1.0)
+    ours = preprocessing.cde_coefficients(train, scaling)
+    assert torch.allclose(ours, ctr[:, :ours.shape[1]], atol=1e-6)
+    assert (ctr[:, ours.shape[1]:, -3 * ctr.shape[-1] // 4:] == 0).all()  # held constant after the end

@@ -8,13 +8,15 @@ Everything here loads from ``.npz`` files next to this module (see
   :func:`load_japanese_vowels`, :func:`load_basic_motions`, and
   :func:`load_uea_ts` for user-supplied UEA ``.ts`` files; helpers
   :func:`drop_observations` (irregular protocol), :func:`with_time_channel`,
-  :func:`channel_statistics`, :func:`standardize`.
+  :func:`channel_statistics`, :func:`standardize`; :func:`hermite_coefficients` (Neural CDE control
+  paths built per series, held constant after each series' end; needs torchcde).
 * Images: :func:`load_digits` (8x8), :func:`load_mnist_subset` (28x28).
 * Tabular density: :func:`load_diamonds`.
 """
 
 from ._io import DATA_DIR
 from .images import load_digits, load_mnist_subset
+from .splines import hermite_coefficients
 from .tabular import DIAMONDS_COLUMNS, DIAMONDS_LOG_COLUMNS, diamonds_statistics, load_diamonds
 from .timeseries import (
     TimeSeriesData,
@@ -35,6 +37,7 @@ __all__ = [
     "diamonds_statistics",
     "drop_observations",
     "from_sequences",
+    "hermite_coefficients",
     "load_basic_motions",
     "load_diamonds",
     "load_digits",

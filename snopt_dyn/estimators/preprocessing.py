@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from snopt_dyn import datasets
-from snopt_dyn.models.neural_cde import import_torchcde
 
 __all__ = ["Scaling", "fit_scaling", "cde_coefficients", "odernn_inputs"]
 
@@ -62,25 +61,7 @@ def cde_coefficients(data: datasets.TimeSeriesData, scaling: Scaling) -> Tensor:
     carry the last slope into it, a bump that moves the CDE state and the time channel.)
     """
     x = datasets.with_time_channel(_standardised(data, scaling), time_scale=scaling.time_span)
-    lengths = data.lengths.clamp(min=2)
-    if x.shape[1] < 2:
-        x = torch.cat([x, x], dim=1)  # a single step: a constant path over one interval
-    out = x.new_zeros(x.shape[0], x.shape[1] - 1, 4 * x.shape[2])
-    for length in torch.unique(lengths).tolist():
-        rows = torch.nonzero(lengths == length).flatten()
-        out[rows] = _padded_spline(x[rows, :length], x.shape[1])
-    return out
-
-
-def _padded_spline(x: Tensor, total: int) -> Tensor:
-    """Coefficients of equal-length series ``x`` ``(k, L, C)``, then constant pieces up to ``total`` knots."""
-    cde = import_torchcde()
-    coeffs = cde.hermite_cubic_coefficients_with_backward_differences(x)
-    if x.shape[1] == total:
-        return coeffs
-    end = cde.CubicSpline(coeffs).evaluate(coeffs.new_tensor(float(x.shape[1] - 1)))  # (k, C), NaN filled
-    flat = torch.cat([end, torch.zeros_like(end).repeat(1, 3)], dim=-1)
-    return torch.cat([coeffs, flat.unsqueeze(1).expand(-1, total - x.shape[1], -1)], dim=1)
+    return datasets.hermite_coefficients(x, data.lengths)
 
 
 def odernn_inputs(data: datasets.TimeSeriesData, scaling: Scaling) -> Tensor:

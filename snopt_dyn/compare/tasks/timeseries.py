@@ -1,7 +1,8 @@
 """Task ``timeseries``: the canonical torchcde Neural CDE (Kidger et al. 2020) on UEA JapaneseVowels.
 
 Hermite cubic spline with backward differences (coefficients computed once for the data set) of the
-standardised series plus a time channel; ``z0 = Linear(X(t0))``; ``torchcde.cdeint(..., adjoint=True,
+standardised series plus a time channel, built on each series' own steps and held constant after its
+end (:func:`snopt_dyn.datasets.hermite_coefficients`); ``z0 = Linear(X(t0))``; ``torchcde.cdeint(..., adjoint=True,
 method="dopri5", rtol=atol=1e-3)``; ``Linear`` read-out of ``z(T)``
 (:class:`snopt_dyn.models.NeuralCDE`).
 """
@@ -66,14 +67,14 @@ def load_series(data: str = "japanese_vowels"):
 
 
 def _load_series_cde(data: str):
-    cde = _torchcde()
+    _torchcde()  # a clear TaskError without torchcde
     train, test = load_series(data)
     length = max(train.values.shape[1], test.values.shape[1])  # 29: train and test share [0, 28]
     scale = float(length - 1)
     xtr = pad_to(datasets.with_time_channel(train, time_scale=scale), length)
     xte = pad_to(datasets.with_time_channel(test, time_scale=scale), length)
-    ctr = cde.hermite_cubic_coefficients_with_backward_differences(xtr)
-    cte = cde.hermite_cubic_coefficients_with_backward_differences(xte)
+    ctr = datasets.hermite_coefficients(xtr, train.lengths)
+    cte = datasets.hermite_coefficients(xte, test.lengths)
     info = dict(channels=xtr.shape[-1], num_classes=train.num_classes, length=length)
     return (ctr, train.labels), (cte, test.labels), info
 
