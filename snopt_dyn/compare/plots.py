@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import textwrap
-from typing import TYPE_CHECKING, List, Sequence
+from typing import List, Sequence
 
 from .optimizers import Combined
 from .summary import Results, _as_list, fmt_metric, machine_info
 
-if TYPE_CHECKING:
-    from .runner import Run
+from .results import Run
 
 COLORS = {"snopt": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c", "sgd-plain": "#9467bd",
           "adamw-cosine": "#ff7f0e", "muon": "#8c564b", "soap": "#17becf"}

@@ -6,7 +6,7 @@ import math
 import os
 import platform
 import statistics
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -14,9 +14,8 @@ import snopt_dyn
 from .optimizers import BASELINES
 from .verdict import Curve, SeedVerdict, better, seed_verdict, spread, value_at, verdict_text
 
-if TYPE_CHECKING:  # annotations only: the runner builds on this module
-    from .runner import CompareResult, Run
-    from .tasks.base import Task
+from .results import CompareResult, Run
+from .tasks.base import Task
 
 Results = Union["CompareResult", Sequence["CompareResult"]]
 
