@@ -1,7 +1,7 @@
 """scikit-learn-compatible time-series estimators trained with SNOpt (needs ``pip install 'snopt-dyn[sklearn]'``).
 
 * :class:`NeuralCDEClassifier`, :class:`NeuralCDERegressor`: torchcde's canonical Neural CDE;
-* :class:`ODERNNClassifier`: the ODE-RNN of Rubanova et al. (2019).
+* :class:`ODERNNClassifier`, :class:`ODERNNRegressor`: the ODE-RNN of Rubanova et al. (2019).
 
 They follow the estimator contract (``fit``/``predict``/``predict_proba``/``score``, ``get_params``,
 ``clone``, ``Pipeline``, ``GridSearchCV``, ``cross_val_score``) on series: ``(n, length, channels)``
@@ -15,6 +15,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("snopt_dyn.estimators needs scikit-learn: pip install 'snopt-dyn[sklearn]'") from exc
 
 from .cde import NeuralCDEClassifier, NeuralCDERegressor
-from .odernn import ODERNNClassifier
+from .odernn import ODERNNClassifier, ODERNNRegressor
 
-__all__ = ["NeuralCDEClassifier", "NeuralCDERegressor", "ODERNNClassifier"]
+__all__ = ["NeuralCDEClassifier", "NeuralCDERegressor", "ODERNNClassifier", "ODERNNRegressor"]

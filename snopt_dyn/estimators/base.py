@@ -7,7 +7,28 @@ build (:meth:`_build`) and how a batch's outputs are computed (:meth:`_forward`)
 Persistence: a fitted estimator pickles (``pickle``, ``joblib``, ``torch.save``; with ``torch.load``
 pass ``weights_only=False``, as for any pickled object) and predicts identically after loading; the
 model is the same wrapped module (``snopt_dyn.wrap`` models pickle).  SNOpt itself is not kept: it
-is bound to its model and rebuilt by every ``fit``.
+is bound to its model, built by every ``fit`` and removed at its end (the fitted model carries no hook).
+
+Warm start (``warm_start=True``): ``fit`` also keeps, in the private ``_warm_state`` (pickled with the
+estimator), the optimizer's ``state_dict`` (Adam's moments, where there is an Adam), SNOpt's
+``state_dict`` (eigenbases, second moments, step and refresh counters) and the batch-order generator;
+the next ``fit`` loads them into the optimizer and SNOpt it builds and continues.  With
+``early_stopping=False`` and an int ``random_state``, ``fit`` for k epochs and then k more equals one
+``fit`` of 2k epochs (``tests/test_estimators_parity.py``: the weights agree bitwise on CPU, asserted
+to 1e-6).  What may change between the fits:
+
+* ``random_state``: the batch order continues only when ``random_state`` gives the previous ``fit``'s
+  seed (the same int); otherwise it is drawn afresh from the new ``random_state`` (so with ``None``
+  every ``fit`` shuffles anew).  The optimizer and SNOpt state are kept either way.
+* the data: any series with the fitted channels (and, for classifiers, known labels); the
+  preprocessing (and a regressor's target scaling) of the first ``fit`` stays, the kept state simply
+  continues on the new batches.
+* ``optimizer`` (or what SNOpt preconditions, ``snopt_options``' ``skip``/``rest``): the state loads
+  only into an optimizer of the same name and layout, else the new one starts fresh (weights kept);
+  hyperparameters such as ``lr`` or ``damping`` are always the current ``fit``'s.
+
+With early stopping the weights are those of the best validation epoch while the kept state is the
+last step's, and each ``fit`` draws its own validation split: k + k then differs from 2k.
 """
 from __future__ import annotations
 
@@ -58,18 +79,23 @@ class SeriesEstimator(BaseEstimator):
     _default_lrs = {"snopt": 0.02, "adam": 3e-3, "sgd": 0.01}
     #: SNOpt keyword arguments of this model, between the shared defaults and ``snopt_options``
     _snopt_defaults: dict = {}
+    #: SNOpt's base optimizer for the parameters SNOpt does not precondition: ``"sgd"`` (the base SGD,
+    #: the paper's setting) or ``"adam"`` (an Adam of their own at ``_default_lrs["adam"]``, as in the
+    #: main job's ``rest=adam``); ``snopt_options={"rest": ..., "rest_lr": ...}`` overrides it
+    _snopt_rest: str = "sgd"
 
     def __init__(self, *, hidden: int = 32, width: Optional[int] = None, optimizer: str = "snopt", lr: Optional[float] = None,
                  snopt_options: Optional[dict] = None, batch_size: int = 32, max_epochs: int = 100,
                  max_time: Optional[float] = None, early_stopping: bool = True, validation_fraction: float = 0.1,
                  n_iter_no_change: int = 10, tol: float = 1e-4, rtol: float = 1e-3, atol: float = 1e-3,
+                 predict_tol: Optional[float] = 1e-5,
                  warm_start: bool = False, random_state=None, device="cpu", verbose: int = 1):
         self.hidden, self.width = hidden, width
         self.optimizer, self.lr, self.snopt_options = optimizer, lr, snopt_options
         self.batch_size, self.max_epochs, self.max_time = batch_size, max_epochs, max_time
         self.early_stopping, self.validation_fraction = early_stopping, validation_fraction
         self.n_iter_no_change, self.tol = n_iter_no_change, tol
-        self.rtol, self.atol = rtol, atol
+        self.rtol, self.atol, self.predict_tol = rtol, atol, predict_tol
         self.warm_start, self.random_state, self.device, self.verbose = warm_start, random_state, device, verbose
 
     # ------------------------------------------------------------------------- subclass hooks
@@ -92,7 +118,7 @@ class SeriesEstimator(BaseEstimator):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "max_time"):
+        for name in ("lr", "max_time", "predict_tol"):
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
@@ -129,17 +155,24 @@ class SeriesEstimator(BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = self.model_.to(device) if warm else snopt_dyn.wrap(self._build(data.num_channels, outputs)).to(device)
-            history = self._train(model, batch_loss, x, y.to(device), stratify, seed)
+            model = self.model_.to(device) if warm else self._wrap(self._build(data.num_channels, outputs)).to(device)
+            history, state = self._train(model, batch_loss, x, y.to(device), stratify, seed,
+                                         getattr(self, "_warm_state", None) if warm else None)
         self.model_, self.scaling_, self.n_features_in_, self.device_ = model.eval(), scaling, data.num_channels, device
         self.history_ = history
-        self.n_iter_, self.n_steps_ = (getattr(self, "n_iter_", 0) if warm else 0) + history.n_iter, history.n_steps
+        if self.warm_start:
+            self._warm_state = state
+        else:
+            self.__dict__.pop("_warm_state", None)
+        self.n_iter_ = (getattr(self, "n_iter_", 0) if warm else 0) + history.n_iter
+        self.n_steps_ = (getattr(self, "n_steps_", 0) if warm else 0) + history.n_steps
         self.loss_curve_, self.validation_loss_curve_ = history.loss_curve, history.validation_loss_curve
         self.best_validation_loss_, self.stopped_by_ = history.best_validation_loss, history.stopped_by
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    def _train(self, model, batch_loss, x, y, stratify, seed) -> training.History:
+    def _train(self, model, batch_loss, x, y, stratify, seed, state: Optional[dict]):
+        """``(History, the state a warm start continues)``; ``state``: the previous ``fit``'s, or None."""
         rng = np.random.RandomState(seed)
         if self.early_stopping:
             train_idx, val_idx = training.validation_split(len(y), self.validation_fraction, rng, stratify)
@@ -149,11 +182,26 @@ class SeriesEstimator(BaseEstimator):
             data, validation = (x, y), None
         lr = self.lr if self.lr is not None else self._default_lrs[self.optimizer]
         optimizer, precond = training.make_optimizer(self.optimizer, model, lr, self.snopt_options,
-                                                      self._snopt_defaults)
+                                                      self._snopt_defaults, self._snopt_rest,
+                                                      self._default_lrs["adam"])
         budget = training.Budget(self.max_epochs, self.max_time, self.n_iter_no_change, self.tol)
         generator = torch.Generator().manual_seed(seed)
-        return training.train(model, batch_loss, data, validation, optimizer, precond, self.batch_size, budget,
-                              generator, verbose=int(self.verbose))
+        try:
+            training.resume(state, self.optimizer, optimizer, precond, seed, generator)
+        except BaseException:
+            if precond is not None:
+                precond.remove()  # train() removes it otherwise; the model must not keep its hooks
+            raise
+        history = training.train(model, batch_loss, data, validation, optimizer, precond, self.batch_size, budget,
+                                 generator, verbose=int(self.verbose))
+        keep = training.save_state(self.optimizer, optimizer, precond, seed, generator) if self.warm_start else None
+        return history, keep
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The engine for every solve; predictions (no gradient, eval mode) with per-sample error
+        control at ``predict_tol``, so a series' prediction does not depend on its batch mates."""
+        self._check_params()
+        return snopt_dyn.wrap(model, per_sample_error="eval", eval_tol=self.predict_tol)
 
     # ------------------------------------------------------------------------- predict
     @torch.no_grad()
@@ -165,6 +213,8 @@ class SeriesEstimator(BaseEstimator):
         order = _canonical_order(x)
         x = x[order].to(self.device_)
         self.model_.eval()
+        if getattr(self.model_, "_snopt_wrap", None) is not None and self.model_._snopt_wrap.eval_tol != self.predict_tol:
+            self._wrap(self.model_)  # predict_tol changed by set_params after fit
         out = [self._forward(self.model_, x[i:i + _PREDICT_BATCH]).cpu() for i in range(0, len(x), _PREDICT_BATCH)]
         return torch.cat(out)[torch.argsort(order)]
 

@@ -18,26 +18,37 @@ PARAMETERS = """
             ``"sgd"`` (momentum 0.9).
         lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value.
         snopt_options: keyword arguments for :class:`snopt_dyn.SNOpt`, over the defaults
-            ``damping=0.05, update_freq=50, sample_step=1.0``.
+            ``damping=0.05, update_freq=50, sample_step=1.0``; and, as in the main job, ``rest``
+            (``"sgd"`` or ``"adam"``: an Adam of their own for the parameters SNOpt does not
+            precondition) and ``rest_lr`` (its rate).
         batch_size, max_epochs: minibatch size and the most epochs.
         max_time: training budget in seconds (steps and validation passes; checked after every step,
             so ``fit`` may overrun by one step and one validation pass); None: no budget.
         early_stopping, validation_fraction, n_iter_no_change, tol: hold out ``validation_fraction`` of
             the fit series (stratified for classifiers), stop after ``n_iter_no_change`` epochs without
             the validation loss improving by ``tol``, keep the weights of the best validation loss.
-        rtol, atol: tolerances of the dopri5 solves (forward and adjoint).  A batch's series share the
-            adaptive steps and one RMS error norm, so outputs depend on the batch at about this
-            tolerance times sqrt(batch): on JapaneseVowels at 1e-3, probabilities moved by up to 0.27
-            between predicting 100 series at once and 10 at a time (5% of the labels), at 1e-5 by 0.01.
-        warm_start: a second ``fit`` continues from the fitted weights and preprocessing.
+        rtol, atol: tolerances of the dopri5 solves in training (forward and adjoint).
+        predict_tol: rtol and atol of the solves that predict (``predict``, ``predict_proba``,
+            ``score``, the validation loss), with per-sample error control (each series meets the
+            tolerance on its own, :func:`snopt_dyn.per_sample_norm`).  A batch's series share the
+            adaptive steps, so a prediction moves with its batch mates by about the global error: on
+            JapaneseVowels, predicted alone, with 9 or with 99 others, probabilities moved by up to
+            0.11 (and labels flipped) at 1e-3 with torchdiffeq's one norm over the batch, and by
+            1.3e-3 at the default 1e-5 with per-sample control (``tests/test_batch_independence.py``
+            asserts 5e-3).  None: ``rtol``/``atol`` (faster, batch-dependent).
+        warm_start: a second ``fit`` continues from the fitted weights and preprocessing, and from
+            the optimizer's and SNOpt's state and the batch order: ``fit`` for k epochs and then k more
+            equals one ``fit`` of 2k (no early stopping, same int ``random_state``); see
+            :mod:`snopt_dyn.estimators.base` for what a change of data or ``random_state`` does.
         random_state: seed (int), ``RandomState`` or None; fixes initialisation, split and batch order.
         device: torch device for training and prediction (``"cpu"``, ``"cuda"``, ...).
         verbose: 0 silences the tqdm progress bar (one bar over epochs); 2 keeps it after ``fit``.
 
     Fitted attributes: ``model_`` (the wrapped torch module), ``scaling_`` (preprocessing statistics),
-    ``n_features_in_`` (channels), ``n_iter_`` (epochs), ``n_steps_``, ``loss_curve_``,
-    ``validation_loss_curve_``, ``best_validation_loss_``, ``stopped_by_`` (``"max_epochs"``,
-    ``"early_stopping"`` or ``"max_time"``), ``fit_time_`` (seconds), ``device_``, ``history_``.
+    ``n_features_in_`` (channels), ``n_iter_`` (epochs), ``n_steps_`` (these two summed over
+    warm-started fits; the rest are the last fit's), ``loss_curve_``, ``validation_loss_curve_``,
+    ``best_validation_loss_``, ``stopped_by_`` (``"max_epochs"``, ``"early_stopping"`` or
+    ``"max_time"``), ``fit_time_`` (seconds), ``device_``, ``history_``.
 """
 
 

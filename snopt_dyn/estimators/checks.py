@@ -1,7 +1,8 @@
 """scikit-learn's estimator checks that cannot apply to series estimators, with the reason for each.
 
 Pass :func:`expected_failed_checks` to ``sklearn.utils.estimator_checks.check_estimator`` or
-``parametrize_with_checks``; every other check passes (``tests/test_estimators.py`` runs them all).
+``parametrize_with_checks``; every other check passes (``tests/test_estimators.py`` runs them all, on
+tiny configurations, skipping all of :data:`NOT_APPLICABLE` for every estimator).
 The checks feed 2-D tabular ``X``, which these estimators read as ``n`` univariate series of
 length ``n_features`` -- valid input, but with consequences listed here.
 """
@@ -26,10 +27,17 @@ NOT_APPLICABLE: Dict[str, str] = {
     "check_regressors_train": (
         "its target is linear in one column of a tabular X; read as a path, that is the value at one time "
         "step, which a Neural CDE does not single out: R^2 0.33 after 30 epochs (hidden 16) where > 0.5 is "
-        "required, while a target built from the whole path (the sum over time steps) reaches 0.92 in 10"),
+        "required, while a target built from the whole path (the sum over time steps) reaches 0.92 in 10. "
+        "(The ODE-RNN regressor, whose GRU reads each step, passes it when trained: R^2 0.78 after 30 epochs, "
+        "hidden 16, 48 s on 2 cores; not at the 1-epoch budget of the tests, which skip it.)"),
 }
+
+#: checks of :data:`NOT_APPLICABLE` that an estimator class passes when trained long enough
+_PASSES_WHEN_TRAINED = {"ODERNNRegressor": ("check_regressors_train",)}
 
 
 def expected_failed_checks(estimator) -> Dict[str, str]:
-    """The not-applicable checks of ``estimator`` (all of them are safe to list for any of ours)."""
-    return dict(NOT_APPLICABLE)
+    """The not-applicable checks of ``estimator``: :data:`NOT_APPLICABLE`, less those it passes when
+    trained (``check_regressors_train`` for the ODE-RNN regressor; measured at hidden 16, 30 epochs)."""
+    passes = _PASSES_WHEN_TRAINED.get(type(estimator).__name__, ())
+    return {name: why for name, why in NOT_APPLICABLE.items() if name not in passes}

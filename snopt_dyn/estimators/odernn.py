@@ -1,5 +1,6 @@
-"""ODE-RNN estimator: :class:`snopt_dyn.models.ODERNN` (Rubanova et al. 2019) behind the scikit-learn
-API, fed as the main job's ``latent`` task feeds it (values with NaN -> 0, mask, times)."""
+"""ODE-RNN estimators: :class:`snopt_dyn.models.ODERNN` (Rubanova et al. 2019) behind the scikit-learn
+API, fed as the main job's ``latent`` task feeds it (values with NaN -> 0, mask, times) and trained as
+it trains it (SNOpt on the Linear layers, an Adam of its own for the GRU cell)."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -7,27 +8,21 @@ from torch import Tensor, nn
 from snopt_dyn.models import ODERNN
 from . import preprocessing
 from .cde import PARAMETERS
-from .heads import SeriesClassifier
+from .heads import SeriesClassifier, SeriesRegressor
 
-__all__ = ["ODERNNClassifier"]
+__all__ = ["ODERNNClassifier", "ODERNNRegressor"]
 
 
-class ODERNNClassifier(SeriesClassifier):
-    __doc__ = """ODE-RNN time-series classifier trained with SNOpt.
-
-    Between observations the hidden state follows an ODE (dopri5, one engine-adjoint solve per gap);
-    a GRU cell reads each observed step (NaN steps are skipped via the mask); logits ``=
-    Linear(h_final)``.  Gaps are in units of the fit data's median gap.  Suits irregular series;
-    cost grows with the series length (one solve per time step).  SNOpt preconditions the Linear
-    layers (field and head); the GRU cell is left to the base SGD (``snopt_options={"skip": ()}``
-    brings back SNOpt's warning about it).
-""" + PARAMETERS + """    ``classes_``: the labels, sorted.
-"""
+class _ODERNN:
+    """Inputs, model and optimizer settings of the ODE-RNN estimators."""
 
     #: the main job's latent-task learning rates
     _default_lrs = {"snopt": 0.03, "adam": 1e-2, "sgd": 1e-3}
-    #: SNOpt preconditions Linear/Conv layers; the GRU cell is left to the base SGD (the main job gives it an Adam)
+    #: SNOpt preconditions the Linear layers (field and head); the GRU cell is not a layer kind it
+    #: preconditions, so it is skipped (no warning) ...
     _snopt_defaults = {"skip": (nn.GRUCell,)}
+    #: ... and gets an Adam of its own at the latent task's Adam rate, the main job's ``rest=adam``
+    _snopt_rest = "adam"
 
     def _encode(self, data, scaling: preprocessing.Scaling) -> Tensor:
         return preprocessing.odernn_inputs(data, scaling)
@@ -39,3 +34,32 @@ class ODERNNClassifier(SeriesClassifier):
 
     def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
         return model(x[..., :-2], x[..., -1], x[..., -2] > 0.5)
+
+
+_MODEL = """
+    Between observations the hidden state follows an ODE (dopri5, one engine-adjoint solve per gap);
+    a GRU cell reads each observed step (NaN steps are skipped via the mask); the output is
+    ``Linear(h_final)``.  Gaps are in units of the fit data's median gap.  Suits irregular series;
+    cost grows with the series length (one solve per time step).
+
+    Optimizer (``optimizer="snopt"``), as the main job's ``latent`` task trains this model: SNOpt
+    preconditions the Linear layers (field and head), which the base SGD steps at ``lr`` (default
+    0.03); the GRU cell, which SNOpt does not precondition (its
+    ``unpreconditioned_parameters()``), gets an Adam of its own at the task's Adam rate 1e-2 (the
+    main job's ``rest=adam``; both rates constant here, where the main job also decays them by a
+    cosine).  ``snopt_options={"rest_lr": 3e-3}`` changes the Adam's rate, ``{"rest": "sgd"}`` puts
+    the GRU cell on the base SGD (the paper's setting).
+"""
+
+
+class ODERNNClassifier(_ODERNN, SeriesClassifier):
+    __doc__ = """ODE-RNN time-series classifier (Rubanova et al. 2019) trained with SNOpt; the output are logits.
+""" + _MODEL + PARAMETERS + """    ``classes_``: the labels, sorted.
+"""
+
+
+class ODERNNRegressor(_ODERNN, SeriesRegressor):
+    __doc__ = """ODE-RNN time-series regressor: as :class:`ODERNNClassifier`, with a linear read-out of
+    ``y`` (``(n,)`` or ``(n, k)``, standardised on the fit targets) and squared error.
+""" + _MODEL + PARAMETERS + """    ``n_outputs_``, ``target_scaling_`` (mean, std of the fit targets).
+"""

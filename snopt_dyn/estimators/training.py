@@ -1,7 +1,13 @@
 """The shared training loop: optimizer (SNOpt on SGD by default), early stopping, time budget, progress.
 
 The SNOpt settings are the main job's time-series task's (``damping=0.05, update_freq=50,
-sample_step=1.0`` on plain SGD); ``snopt_options`` overrides them key by key.
+sample_step=1.0`` on plain SGD); ``snopt_options`` overrides them key by key.  As in the main job,
+the parameters SNOpt does not precondition (:meth:`snopt_dyn.SNOpt.unpreconditioned_parameters`: a
+GRU cell, norms) stay on the base SGD (``rest="sgd"``, the paper's setting) or get an Adam of their
+own (``rest="adam"`` at ``rest_lr``), stepped with the SGD as one :class:`CombinedOptimizer`.
+
+A warm start continues the optimizer, SNOpt and the batch order: :func:`save_state` after ``fit``,
+:func:`resume` into the next ``fit``'s freshly built optimizer and SNOpt.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,21 +24,67 @@ from torch import Tensor, nn
 
 import snopt_dyn
 
-__all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "Budget", "History", "make_optimizer", "validation_split", "train"]
+__all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "RESTS", "Budget", "History", "CombinedOptimizer", "make_optimizer",
+           "save_state", "resume", "validation_split", "train"]
 
 #: optimizer names the estimators accept
 OPTIMIZERS = ("snopt", "adam", "sgd")
 #: SNOpt's keyword arguments unless ``snopt_options`` says otherwise
 SNOPT_DEFAULTS = dict(damping=0.05, update_freq=50, sample_step=1.0)
+#: what SNOpt's base optimizer does with the parameters SNOpt does not precondition (the main job's
+#: ``rest``): ``"sgd"`` keeps them on the base SGD, ``"adam"`` gives them an Adam of their own
+RESTS = ("sgd", "adam")
+#: keys of ``snopt_options`` that shape the base optimizer, not SNOpt (as in the main job's ``snopt[...]``)
+BASE_KEYS = ("rest", "rest_lr")
 
 BatchLoss = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+class CombinedOptimizer:
+    """Torch optimizers over disjoint parameters, stepped as one (SNOpt's SGD and the Adam of the
+    layers it does not precondition)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> List[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"state_dict holds {len(state['optimizers'])} optimizers, this one {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def _check_rest(rest, rest_lr) -> None:
+    if rest not in RESTS:
+        raise ValueError(f"snopt_options['rest'] must be one of {RESTS}, got {rest!r}")
+    if rest_lr is not None and (isinstance(rest_lr, bool) or not isinstance(rest_lr, (int, float))
+                                or not (math.isfinite(rest_lr) and rest_lr > 0)):
+        raise ValueError(f"snopt_options['rest_lr'] must be a positive number, got {rest_lr!r}")
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, snopt_options: Optional[dict],
-                   model_defaults: Optional[dict] = None):
-    """``(torch optimizer, SNOpt or None)``: SNOpt preconditions plain SGD (the paper's setting);
+                   model_defaults: Optional[dict] = None, rest: str = "sgd", rest_lr: Optional[float] = None):
+    """``(optimizer, SNOpt or None)``: SNOpt preconditions plain SGD (the paper's setting);
     ``"sgd"`` is SGD with momentum 0.9.  SNOpt gets :data:`SNOPT_DEFAULTS`, then the model's own
-    defaults (``model_defaults``), then ``snopt_options``."""
+    defaults (``model_defaults``), then ``snopt_options``.  ``rest``/``rest_lr`` (overridden by the
+    same keys of ``snopt_options``): with ``"adam"`` the parameters SNOpt does not precondition get
+    ``Adam(lr=rest_lr)`` (default ``lr``) and the optimizer is a :class:`CombinedOptimizer`; without
+    such parameters it is the plain SGD either way."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr), None
@@ -40,8 +92,55 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snopt_options: Option
         return torch.optim.SGD(params, lr=lr, momentum=0.9), None
     if name == "snopt":
         options = {**SNOPT_DEFAULTS, **(model_defaults or {}), **(snopt_options or {})}
-        return torch.optim.SGD(params, lr=lr), snopt_dyn.SNOpt(model, **options)
+        rest, rest_lr = options.pop("rest", rest), options.pop("rest_lr", rest_lr)
+        _check_rest(rest, rest_lr)
+        precond = snopt_dyn.SNOpt(model, **options)
+        pre, others = precond.preconditioned_parameters(), precond.unpreconditioned_parameters()
+        if rest == "sgd" or not others:
+            return torch.optim.SGD(pre + others, lr=lr), precond
+        return CombinedOptimizer([torch.optim.SGD(pre, lr=lr),
+                                  torch.optim.Adam(others, lr=float(rest_lr if rest_lr is not None else lr))]), precond
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def _layout(optimizer) -> list:
+    """Which optimizers hold how many parameters per group: a saved state loads only into the same layout."""
+    parts = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [optimizer]
+    return [(type(o).__name__, [len(g["params"]) for g in o.param_groups]) for o in parts]
+
+
+def save_state(name: str, optimizer, precond, seed: int, generator: torch.Generator) -> dict:
+    """What a warm start continues: the optimizer's and SNOpt's ``state_dict`` (copies), the seed and
+    the batch-order generator's state."""
+    return {"optimizer": name, "layout": _layout(optimizer), "base": copy.deepcopy(optimizer.state_dict()),
+            "snopt": copy.deepcopy(precond.state_dict()) if precond is not None else None,
+            "seed": int(seed), "generator": generator.get_state()}
+
+
+def resume(state: Optional[dict], name: str, optimizer, precond, seed: int, generator: torch.Generator) -> bool:
+    """Load a previous ``fit``'s :func:`save_state` into this ``fit``'s fresh optimizer and SNOpt.
+
+    The optimizer state (e.g. Adam's moments) and SNOpt's (eigenbases, second moments, step and
+    refresh counters) load when the optimizer has the same name and layout as before, else both start
+    fresh; the hyperparameters (``lr``, ...) stay this ``fit``'s.  The generator continues when
+    ``seed`` is the previous ``fit``'s.  Returns whether the optimizer state was loaded.
+    """
+    if state is None:
+        return False
+    if state["seed"] == seed:
+        generator.set_state(state["generator"])
+    if state["optimizer"] != name or state["layout"] != _layout(optimizer):
+        return False
+    if precond is not None:
+        try:
+            precond.load_state_dict(state["snopt"])  # checks names and shapes before it changes anything
+        except ValueError:
+            return False  # other layers preconditioned (e.g. snopt_options' skip changed): start fresh
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(copy.deepcopy(state["base"]))
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
+    return True
 
 
 def validation_split(n: int, fraction: float, rng: np.random.RandomState,
