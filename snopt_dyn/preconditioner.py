@@ -11,6 +11,8 @@ Use it between ``loss.backward()`` and ``optimizer.step()`` of any torch optimiz
 Every ``update_freq``-th iteration is a *refresh*: the coming backward pass samples each vector
 field solved by the engine at J times, and ``step()`` rebuilds the factors A and G and their
 eigenbases.  Other iterations only precondition, at the cost of four small matmuls per layer.
+What is done in the eigenbasis is the ``rule``: today's eigenvalue-corrected division
+(``"ekfac"``) or Adam (``"adam"``); factor averaging, a burn-in and weight decay apply to both.
 Gradient accumulation works: K backward passes (``loss / K`` each) before one ``step()`` give the
 update of one batch K times the size.
 
@@ -19,6 +21,7 @@ This class is the observer of the engine and the orchestration of one step; the 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -30,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from . import hooks
-from .curvature import checkpoint, distributed, ekfac, trust_region
+from .curvature import (basis_change, burn_in, checkpoint, distributed, eigen_adam, ekfac, factor_average,
+                        trust_region, warm_basis, weight_decay)
 from .curvature.batching import backward_pass_id
 from .curvature.lifecycle import LayerHooks, foreign_solver
 from .curvature.pairing import Sampler
@@ -40,8 +44,17 @@ from .layers import LayerKind, kind_of
 
 Schedule = Union[float, Callable[[int], float]]
 
-#: The default second-moment rule (see :mod:`snopt_dyn.curvature.ekfac`).
+#: The default second-moment rule of today's rule (see :mod:`snopt_dyn.curvature.ekfac`).
 DEFAULT_MOMENT = "paper"
+#: The update rules: ``"ekfac"`` (:mod:`snopt_dyn.curvature.ekfac`, today's) and ``"adam"``
+#: (:mod:`snopt_dyn.curvature.eigen_adam`, Adam in the eigenbasis).
+RULES = ("ekfac", "adam")
+DEFAULT_RULE = "ekfac"
+#: The second-moment rules each update rule takes (the first is its default).
+RULE_MOMENTS = {"ekfac": (DEFAULT_MOMENT,) + tuple(m for m in ekfac.MOMENTS if m != DEFAULT_MOMENT),
+                "adam": eigen_adam.MOMENTS}
+#: Options only ``rule="adam"`` reads (given to another rule with a non-default value: ``ValueError``).
+ADAM_ONLY = ("beta1", "beta2", "eps", "power", "bias_correction")
 
 
 @dataclass
@@ -52,11 +65,14 @@ class _LayerState:
     module: nn.Module
     kind: LayerKind
     role: str = "unknown"  # "ode", "static", "foreign" or "unknown" (not seen yet)
-    a: Optional[Tensor] = None  # the factors of the last refresh (kept for inspection)
+    a: Optional[Tensor] = None  # the factors the bases were built from (averaged with factor_ema)
     g: Optional[Tensor] = None
+    weight: float = 0.0  # the total weight of the running average of a and g
     u_a: Optional[Tensor] = None
     u_g: Optional[Tensor] = None
-    m2: Optional[Tensor] = None
+    m2: Optional[Tensor] = None  # the second moment in the eigenbasis (v of rule="adam")
+    m1: Optional[Tensor] = None  # the first moment in the eigenbasis (rule="adam", beta1 > 0)
+    t: int = 0  # steps since the moments of rule="adam" were created (bias correction)
     batch: float = 1  # the effective batch of the last refresh (all ranks, all micro-batches)
     mult: float = 1  # J samples (or k calls) times locations: F ≈ mult · A ⊗ G
     samples: int = 0
@@ -101,10 +117,40 @@ class SNOpt(hooks.EngineObserver):
             batch.  With ``"sum"`` on the summed loss every preconditioned gradient is exactly
             ``B`` (the batch size) times the one of ``"mean"`` on the mean loss (with gradient
             accumulation, sum the micro-batch losses without dividing by K).
-        moment: ``"per_sample"`` (true EKFAC), ``"paper"`` (the SNOpt code's running rule) or
-            ``"kfac"``; see :mod:`snopt_dyn.curvature.ekfac`.  Default ``"paper"``: on the digits
-            check of ``tests/test_preconditioner.py`` (60 iterations, 3 seeds) its median final
-            training loss was 0.13 against 0.30 for ``"per_sample"`` and 0.71 for ``"kfac"``.
+        rule: the update in the eigenbasis.  ``"ekfac"`` (default, today's rule,
+            :mod:`snopt_dyn.curvature.ekfac`): ``P ⊘ (m2 + damping)``, ``P`` the rotated gradient.
+            ``"adam"`` (:mod:`snopt_dyn.curvature.eigen_adam`): Adam in the eigenbasis,
+            ``m̂ ⊘ (v̂^power + eps)`` with first and second moments of ``P`` updated every step,
+            bias-corrected, and carried into every new basis as SOAP does.  Its base optimizer is
+            plain SGD (momentum 0), whose ``lr`` then plays Adam's learning rate (e.g. 1e-3-3e-2,
+            not today's 0.1).
+        moment: how the second moment is formed.  For ``rule="ekfac"``: ``"paper"`` (default; the
+            SNOpt code's running rule), ``"per_sample"`` (true EKFAC) or ``"kfac"``; see
+            :mod:`snopt_dyn.curvature.ekfac`.  On the digits check of
+            ``tests/test_preconditioner.py`` (60 iterations, 3 seeds) ``"paper"``'s median final
+            training loss was 0.13 against 0.30 for ``"per_sample"`` and 0.71 for ``"kfac"``.  For
+            ``rule="adam"``: ``"adam"`` (default; Adam's ``v``, from zero) or ``"paper"`` (today's
+            ``m2``, reset to the Kronecker eigenvalues at every rebuild, running with ``alpha``).
+        beta1, beta2: ``rule="adam"``'s moment decays (``beta2`` for ``moment="adam"`` only), in
+            [0, 1); default Adam's 0.9, 0.999 (SOAP uses 0.95, 0.95).  ``beta1=0``: no momentum.
+        eps: ``rule="adam"``'s ε, > 0 (a number or a function of the step).  Default: 1e-8 with
+            ``moment="adam"`` (Adam's), ``damping`` with ``moment="paper"``.
+        power: ``rule="adam"``'s power ``p`` of ``v̂`` in [1/2, 1] (1/2: Adam; 1: today's power).
+        bias_correction: ``rule="adam"``'s bias correction of the moments that start at zero.
+        weight_decay: decoupled weight decay for every rule
+            (:mod:`snopt_dyn.curvature.weight_decay`): ``update + weight_decay · W`` is written into
+            ``.grad``, so the base SGD at rate ``lr`` takes AdamW's ``W -= lr·(update + wd·W)``.
+            Default 0.
+        factor_ema: the factors as a running average across refreshes, weight of the past in
+            [0, 1) (:mod:`snopt_dyn.curvature.factor_average`); default 0: each refresh's own batch.
+        eigh_every: a full eigendecomposition on every ``eigh_every``-th basis rebuild; the rebuilds
+            in between refine the current basis by one power iteration + QR on the (averaged)
+            factors (SOAP's cheap update, :mod:`snopt_dyn.curvature.warm_basis`).  Default 1: always.
+        burn_in: ``K >= 1`` iterations that only gather factors before the first basis is built (no
+            preconditioned step: ``rule="adam"`` with ``moment="adam"`` runs plain Adam, the others
+            pass the raw gradient); from then on every basis is built *after* the update of the
+            iteration that sampled it, so no update uses a basis containing its own batch (SOAP's
+            order; :mod:`snopt_dyn.curvature.burn_in`).  Default 0: today's order.
         batch_size: the batch size of every solve, where the rule of
             :mod:`snopt_dyn.curvature.batching` cannot find it.
         autograd_uses: also count the vector-Jacobian products that the field itself takes through
@@ -128,20 +174,32 @@ class SNOpt(hooks.EngineObserver):
     them an optimizer of their own, e.g. ``torch.optim.Adam(precond.unpreconditioned_parameters())``
     next to ``torch.optim.SGD(precond.preconditioned_parameters())``.
 
-    ``damping``, ``alpha`` may be numbers or callables of the step count.  ``SNOpt`` cannot be
+    ``damping``, ``alpha``, ``eps`` may be numbers or callables of the step count.  ``SNOpt`` cannot be
     copied or pickled (it is bound to its model): save ``state_dict()`` instead.
     """
 
     def __init__(self, model: nn.Module, *, damping: Schedule = 0.05, update_freq: int = 100,
                  alpha: Schedule = 0.75, sample_step: Optional[float] = None,
                  num_samples: Optional[int] = None, loss_reduction: str = "mean",
-                 moment: str = DEFAULT_MOMENT, batch_size: Optional[int] = None,
+                 moment: Optional[str] = None, batch_size: Optional[int] = None,
                  autograd_uses: bool = False, static_layers: bool = True, skip: Iterable[Union[str, type]] = (),
                  raise_on_nonfinite: bool = False, kl_clip: Optional[float] = None,
-                 lr: Optional[trust_region.LearningRate] = None):
-        self._check_args(model, damping, update_freq, alpha, sample_step, num_samples, loss_reduction,
-                         moment, batch_size)
+                 lr: Optional[trust_region.LearningRate] = None, rule: str = DEFAULT_RULE,
+                 beta1: float = 0.9, beta2: float = 0.999, eps: Optional[Schedule] = None, power: float = 0.5,
+                 bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
+                 eigh_every: int = 1, burn_in: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
+        moment = RULE_MOMENTS.get(rule, (DEFAULT_MOMENT,))[0] if moment is None else moment
+        self.check_options(damping=damping, update_freq=update_freq, alpha=alpha, sample_step=sample_step,
+                           num_samples=num_samples, loss_reduction=loss_reduction, moment=moment,
+                           batch_size=batch_size, rule=rule, beta1=beta1, beta2=beta2, eps=eps, power=power,
+                           bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
+                           eigh_every=eigh_every, burn_in=burn_in)
         trust_region.check(kl_clip, lr)
+        self.rule, self.beta1, self.beta2, self.eps, self.power = rule, float(beta1), float(beta2), eps, float(power)
+        self.bias_correction, self.weight_decay = bool(bias_correction), float(weight_decay)
+        self.factor_ema, self.eigh_every, self.burn_in = float(factor_ema), eigh_every, burn_in
         self.kl_clip, self.lr = kl_clip, lr
         self.last_clip: Optional[Tensor] = None  # ν of the last step (a tensor: reading it syncs)
         self.sample_spec_ = hooks.SampleSpec(step=float(sample_step)) if sample_step is not None else \
@@ -164,26 +222,57 @@ class SNOpt(hooks.EngineObserver):
         self._hooks.set_active(self.refreshing)
 
     @staticmethod
-    def _check_args(model, damping, update_freq, alpha, sample_step, num_samples, reduction, moment, batch_size):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
-        _positive_int("update_freq", update_freq)
-        if not callable(damping):
-            _number("damping", damping, open_low=True)
-        if not callable(alpha):
-            _number("alpha", alpha, open_low=False, high=1.0)
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
-        if moment not in ekfac.MOMENTS:
-            raise ValueError(f"moment must be one of {ekfac.MOMENTS}, got {moment!r}")
-        if sample_step is not None and num_samples is not None:
+    def check_options(**options) -> None:
+        """``ValueError`` (``TypeError`` for an unknown name) on a bad keyword argument of ``SNOpt``,
+        without a model: the main job checks ``snopt[...]`` specs with it before any run starts."""
+        known = set(inspect.signature(SNOpt.__init__).parameters) - {"self", "model"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"SNOpt has no option {', '.join(map(repr, unknown))}; its options are "
+                            f"{', '.join(sorted(known))}")
+        get = options.get
+        if "update_freq" in options:
+            _positive_int("update_freq", get("update_freq"))
+        if "damping" in options and not callable(get("damping")):
+            _number("damping", get("damping"), open_low=True)
+        if "alpha" in options and not callable(get("alpha")):
+            _number("alpha", get("alpha"), open_low=False, high=1.0)
+        if get("loss_reduction", "mean") not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {get('loss_reduction')!r}")
+        rule = get("rule", DEFAULT_RULE)
+        if rule not in RULES:
+            raise ValueError(f"SNOpt: rule must be one of {RULES}, got {rule!r}")
+        if get("moment") is not None and get("moment") not in RULE_MOMENTS[rule]:
+            raise ValueError(f"moment must be one of {RULE_MOMENTS[rule]} with rule={rule!r}, got {get('moment')!r}")
+        defaults = {k: v.default for k, v in inspect.signature(SNOpt.__init__).parameters.items()}
+        ignored = [k for k in ADAM_ONLY if k in options and rule != "adam" and options[k] != defaults[k]]
+        if ignored:
+            raise ValueError(f"SNOpt: {', '.join(ignored)} belong(s) to rule='adam' (Adam in the eigenbasis); "
+                             f"today's rule (rule={rule!r}) would ignore it: add rule='adam', or leave it out")
+        if get("sample_step") is not None and get("num_samples") is not None:
             raise ValueError("give sample_step or num_samples, not both")
-        if num_samples is not None:
-            _positive_int("num_samples", num_samples)
-        if sample_step is not None:
-            _number("sample_step", sample_step, open_low=True)
-        if batch_size is not None:
-            _positive_int("batch_size", batch_size)
+        if get("num_samples") is not None:
+            _positive_int("num_samples", get("num_samples"))
+        if get("sample_step") is not None:
+            _number("sample_step", get("sample_step"), open_low=True)
+        if get("batch_size") is not None:
+            _positive_int("batch_size", get("batch_size"))
+        for name in ("beta1", "beta2", "factor_ema"):
+            if name in options:
+                _number(name, get(name), open_low=False, high=1.0)
+        if get("eps") is not None and not callable(get("eps")):
+            _number("eps", get("eps"), open_low=True)
+        if "power" in options and not 0.5 <= _number("power", get("power"), open_low=True) <= 1:
+            raise ValueError(f"SNOpt: power must be in [0.5, 1] (1/2: Adam, 1: today's rule), got {get('power')!r}")
+        if "bias_correction" in options and not isinstance(get("bias_correction"), bool):
+            raise ValueError(f"SNOpt: bias_correction must be True or False, got {get('bias_correction')!r}")
+        if "weight_decay" in options:
+            _number("weight_decay", get("weight_decay"), open_low=False)
+        if "eigh_every" in options:
+            _positive_int("eigh_every", get("eigh_every"))
+        if "burn_in" in options and (isinstance(get("burn_in"), bool) or not isinstance(get("burn_in"), int)
+                                     or get("burn_in") < 0):
+            raise ValueError(f"SNOpt: burn_in must be an integer >= 0, got {get('burn_in')!r}")
 
     @staticmethod
     def _find_layers(model: nn.Module, skip) -> Dict[nn.Module, _LayerState]:
@@ -234,8 +323,9 @@ class SNOpt(hooks.EngineObserver):
     # ----------------------------------------------------------------------------- engine hooks
     @property
     def refreshing(self) -> bool:
-        """Whether the current iteration (the one before the next ``step()``) is a refresh."""
-        return self.steps % self.update_freq == 0
+        """Whether the current iteration (the one before the next ``step()``) is a refresh: it
+        samples curvature statistics (every ``update_freq``-th, and every burn-in iteration)."""
+        return burn_in.gathers(self.steps, self.burn_in, self.update_freq)
 
     def _owns(self, func) -> bool:
         if func in self._fields:
@@ -309,7 +399,8 @@ class SNOpt(hooks.EngineObserver):
     # ----------------------------------------------------------------------------- the update
     @torch.no_grad()
     def step(self) -> None:
-        """Precondition the gradients in place; on refresh iterations rebuild the factors first."""
+        """Precondition the gradients in place; on refresh iterations rebuild the factors first
+        (with ``burn_in``: gather them first, rebuild the bases after the update)."""
         start = time.perf_counter()
         try:
             self._step()
@@ -322,8 +413,17 @@ class SNOpt(hooks.EngineObserver):
         alpha = self.alpha(self.steps) if callable(self.alpha) else self.alpha
         return _number("damping", damping, open_low=True), _number("alpha", alpha, open_low=False, high=1.0)
 
+    def _adam_hyper(self, damping: float, alpha: float) -> eigen_adam.Hyper:
+        eps = self.eps(self.steps) if callable(self.eps) else self.eps
+        if eps is None:
+            eps = damping if self.moment == "paper" else 1e-8
+        return eigen_adam.Hyper(beta1=self.beta1, beta2=self.beta2, eps=_number("eps", eps, open_low=True),
+                                power=self.power, bias_correction=self.bias_correction, moment=self.moment,
+                                alpha=alpha)
+
     def _step(self) -> None:
         refresh = self.refreshing
+        rebuild = refresh and burn_in.rebuilds(self.steps, self.burn_in, self.update_freq)
         damping, alpha = self._hyper()
         layers = list(self._layers.values())
         grads = {st.module: st.kind.grad_matrix(st.module) for st in layers}
@@ -341,23 +441,52 @@ class SNOpt(hooks.EngineObserver):
         if bad:
             self._clear_stats()
             return self._nonfinite(bad)
-        if refresh:
-            self._refresh(layers, factors)
+        entries = self._gather(layers, factors) if refresh else None
+        deferred = burn_in.deferred(self.burn_in)
+        if rebuild and not deferred:
+            self._rebuild(layers, entries)
         self._clear_stats()
+        updates = self._updates(layers, grads, damping, alpha)
+        self._set_grads(updates)
+        if rebuild and deferred:
+            self._rebuild(layers, entries)
+        self.steps += 1
+        self._hooks.set_active(self.refreshing)
+
+    def _updates(self, layers: List[_LayerState], grads: dict, damping: float, alpha: float):
+        """``(layer, raw, preconditioned)`` for every layer the rule preconditions this step."""
+        adam = self._adam_hyper(damping, alpha) if self.rule == "adam" else None
         updates = []
         for st in layers:
             grad = grads[st.module]
-            if grad is None or st.u_a is None:
+            if grad is None or (st.u_a is None and not self._identity_adam()):
                 continue
             self._follow(st, grad)
-            running = None
-            if self.moment == "paper":
-                running = (alpha, st.batch, st.batch if self.loss_reduction == "sum" else 1.0)
-            updates.append((st, grad, ekfac.precondition(grad.to(st.u_a.dtype), st.u_g, st.u_a, st.m2,
-                                                          damping, running)))
-        self._set_grads(updates)
-        self.steps += 1
-        self._hooks.set_active(self.refreshing)
+            mean_factor = st.batch if self.loss_reduction == "sum" else 1.0
+            if adam is None:
+                running = (alpha, st.batch, mean_factor) if self.moment == "paper" else None
+                new = ekfac.precondition(grad.to(st.u_a.dtype), st.u_g, st.u_a, st.m2, damping, running)
+            else:
+                dtype = stat_dtype(grad.dtype)
+                self._start_moments(st, grad, dtype)
+                st.t += 1
+                new = eigen_adam.precondition(grad.to(dtype), st.u_g, st.u_a, st.m1, st.m2, st.t, adam,
+                                              st.batch, mean_factor)
+            updates.append((st, grad, new))
+        return updates
+
+    def _identity_adam(self) -> bool:
+        """Whether a layer without a basis (burn-in, no statistics) runs Adam in the identity basis."""
+        return self.rule == "adam" and self.moment == "adam"
+
+    def _start_moments(self, st: _LayerState, grad: Tensor, dtype: torch.dtype) -> None:
+        """Zero moments (and step count) for ``rule="adam"`` where a layer has none yet."""
+        if st.m2 is None:  # moment="adam" only: "paper" gets m2 at every rebuild
+            st.m2 = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+            st.m1, st.t = None, 0
+        if self.beta1 > 0 and st.m1 is None:
+            st.m1 = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+            st.t = 0
 
     def _set_grads(self, updates: List[Tuple[_LayerState, Tensor, Tensor]]) -> None:
         """Write the preconditioned gradients, scaled by the KL clip's ``ν`` when one is set."""
@@ -368,6 +497,8 @@ class SNOpt(hooks.EngineObserver):
             updates = [(st, g, n * self.last_clip.to(n.dtype)) for st, g, n in updates]
         for st, _, new in updates:
             st.kind.set_grad(st.module, new)
+        if self.weight_decay:
+            weight_decay.apply(self.preconditioned_parameters(), self.weight_decay)
 
     def _nonfinite_names(self, grads: dict, factors: Dict[nn.Module, Factors]) -> List[str]:
         """Names of layers with NaN/Inf gradients or factors; one host sync when all is finite."""
@@ -388,41 +519,83 @@ class SNOpt(hooks.EngineObserver):
             raise NonFiniteError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _refresh(self, layers: List[_LayerState], factors: Dict[nn.Module, Factors]) -> None:
-        """New factors, eigenbases and second moments for every layer (raw gradient without data)."""
+    def _gather(self, layers: List[_LayerState], factors: Dict[nn.Module, Factors]) -> List[Optional[Factors]]:
+        """This iteration's factors, averaged over ranks and into each layer's running average
+        (:mod:`snopt_dyn.curvature.factor_average`); a layer without statistics loses its basis."""
         entries = [factors.get(st.module) for st in layers]
-        world = distributed.world_size()
-        if world > 1 and layers:
+        if distributed.world_size() > 1 and layers:
             shapes = [(s["u_a"][0], s["u_g"][0]) for s in map(checkpoint.layer_shapes, layers)]
             entries = distributed.average_factors(entries, shapes, layers[0].module.weight.device)
-        self.refreshes += 1
+        decay = 1.0 if burn_in.in_burn_in(self.steps, self.burn_in) else self.factor_ema
         self.last_samples = 0
-        moments = []
         for st, f in zip(layers, entries):
             if f is None:
-                st.a = st.g = st.u_a = st.u_g = st.m2 = None
+                st.a = st.g = st.u_a = st.u_g = st.m2 = st.m1 = None
+                st.weight, st.t = 0.0, 0
                 self._warn_no_stats(st)
                 continue
-            st.a, st.g, st.mult, st.batch = f.a, f.g, f.mult, f.batch
-            s_a, st.u_a = ekfac.eigh(f.a, st.name)
-            s_g, st.u_g = ekfac.eigh(f.g, st.name)
-            st.m2 = ekfac.kronecker_moment(s_g, s_a, f.mult)
+            (st.a, st.g, st.mult), st.weight = self._blend(st, f, decay)
+            st.batch = f.batch
             st.samples = len(st.ode.evaluations) // max(1, len(st.ode.passes)) if st.role == "ode" else 0
             self.last_samples = max(self.last_samples, st.samples)
+        return entries
+
+    @staticmethod
+    def _blend(st: _LayerState, f: Factors, decay: float):
+        if st.a is None or decay == 0:
+            return (f.a, f.g, f.mult), 1.0
+        if st.a.device != f.a.device or st.a.dtype != f.a.dtype:
+            st.a, st.g = st.a.to(f.a), st.g.to(f.g)
+        a, weight = factor_average.blend(st.a, st.weight, f.a, decay)
+        g, _ = factor_average.blend(st.g, st.weight, f.g, decay)
+        mult, _ = factor_average.blend(st.mult, st.weight, f.mult, decay)
+        return (a, g, mult), weight
+
+    def _rebuild(self, layers: List[_LayerState], entries: List[Optional[Factors]]) -> None:
+        """New eigenbases from the (averaged) factors; the moments are reset or carried into them."""
+        full = self.refreshes % self.eigh_every == 0
+        self.refreshes += 1
+        moments = []
+        for st, f in zip(layers, entries):
+            if f is None or st.a is None:
+                continue
+            old_g, old_a = st.u_g, st.u_a
+            if full or old_a is None:
+                s_a, st.u_a = ekfac.eigh(st.a, st.name)
+                s_g, st.u_g = ekfac.eigh(st.g, st.name)
+            else:
+                s_a, st.u_a = warm_basis.power_qr(st.a, old_a)
+                s_g, st.u_g = warm_basis.power_qr(st.g, old_g)
+            self._new_moments(st, ekfac.kronecker_moment(s_g, s_a, st.mult), old_g, old_a)
             if self.moment == "per_sample":
                 moments.append((st, ekfac.per_sample_sums(st.u_g, st.u_a, f.per_sample)))
-        if moments and world > 1:
+        if moments and distributed.world_size() > 1:
             reduced = distributed.sum_moments([m for _, m in moments])
             moments = [(st, r) for (st, _), r in zip(moments, reduced)]
         for st, (total, count) in moments:
             st.m2 = total / count
 
+    def _new_moments(self, st: _LayerState, kronecker: Tensor, old_g: Optional[Tensor],
+                     old_a: Optional[Tensor]) -> None:
+        """The second moment in the new basis: the Kronecker eigenvalues, or (``rule="adam"``,
+        ``moment="adam"``) the old one carried over; a first moment is always carried over
+        (:mod:`snopt_dyn.curvature.basis_change`)."""
+        carry_v = self.rule == "adam" and self.moment == "adam"
+        if st.m1 is None and not (carry_v and st.m2 is not None):
+            st.m2 = None if carry_v else kronecker
+            return
+        r_g, r_a = basis_change.rotation(st.u_g, old_g), basis_change.rotation(st.u_a, old_a)
+        if st.m1 is not None:
+            st.m1 = basis_change.carry_first(st.m1, r_g, r_a)
+        st.m2 = basis_change.carry_second(st.m2, r_g, r_a) if carry_v else kronecker
+
     def _follow(self, st: _LayerState, grad: Tensor) -> None:
         """Move the layer's state to its gradient's device and statistics dtype (after
         ``model.to(...)`` or ``.double()``)."""
         dtype = stat_dtype(grad.dtype)
-        if st.u_a.device != grad.device or st.u_a.dtype != dtype:
-            for key in ("u_a", "u_g", "m2", "a", "g"):
+        ref = next((t for t in (st.u_a, st.m2, st.m1) if t is not None), None)
+        if ref is not None and (ref.device != grad.device or ref.dtype != dtype):
+            for key in ("u_a", "u_g", "m2", "m1", "a", "g"):
                 t = getattr(st, key)
                 if t is not None:
                     setattr(st, key, t.to(grad.device, dtype))
@@ -449,7 +622,8 @@ class SNOpt(hooks.EngineObserver):
         else:
             why = ("received no curvature statistics: it was not used with grad enabled in the forward and "
                    "backward pass of this refresh iteration")
-        warnings.warn(f"SNOpt: layer {st.name!r} {why}; it keeps its raw gradient.", UserWarning, stacklevel=5)
+        keeps = "gets plain Adam's update (the identity basis)" if self._identity_adam() else "keeps its raw gradient"
+        warnings.warn(f"SNOpt: layer {st.name!r} {why}; it {keeps}.", UserWarning, stacklevel=5)
 
     def _clear_stats(self) -> None:
         keep = self.moment == "per_sample"
@@ -460,15 +634,19 @@ class SNOpt(hooks.EngineObserver):
 
     # ----------------------------------------------------------------------------- state & info
     def state_dict(self) -> dict:
-        """Everything needed to resume: counters and, per layer (by module name), bases and m2."""
+        """Everything needed to resume: counters and, per layer (by module name), the (averaged)
+        factors, bases, moments and the bias-correction step count."""
         return checkpoint.save(list(self._layers.values()), {"steps": self.steps, "refreshes": self.refreshes,
-                                                             "moment": self.moment})
+                                                             "moment": self.moment, "rule": self.rule})
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; tensors move to each layer's device and dtype.
 
         Raises ``ValueError`` naming the layers whose names or shapes do not match."""
         layers = list(self._layers.values())
+        if isinstance(state, dict) and state.get("rule", DEFAULT_RULE) != self.rule:
+            raise ValueError(f"SNOpt.load_state_dict: the state_dict was saved with rule={state['rule']!r}, "
+                             f"this SNOpt has rule={self.rule!r}; build SNOpt with the same rule")
         checkpoint.check(layers, state)
         checkpoint.load(layers, state)
         self.steps, self.refreshes = int(state["steps"]), int(state["refreshes"])
@@ -483,13 +661,14 @@ class SNOpt(hooks.EngineObserver):
                           "samples": st.samples} for st in self._layers.values()}
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor, float]]:
-        """Per layer: the factors ``(A, G)`` of the last refresh and their multiplier
-        (J samples, or k calls, times spatial locations), so that ``F ≈ mult · A ⊗ G``."""
+        """Per layer: the factors ``(A, G)`` of the last refresh (their running average with
+        ``factor_ema``) and their multiplier (J samples, or k calls, times spatial locations), so
+        that ``F ≈ mult · A ⊗ G``."""
         return {st.name: (st.a, st.g, st.mult)
                 for st in self._layers.values() if st.a is not None}
 
     def diagnostics(self) -> dict:
-        """Counters: steps, refreshes, samples per ODE layer at the last refresh, extra field
+        """Counters: steps, refreshes (basis rebuilds), samples per ODE layer at the last refresh, extra field
         evaluations spent on sampling (cumulative), the KL clip's last scale ``ν`` (a 0-dim tensor,
         left on its device so that logging every step costs no sync; ``None`` without a clip), and
         time spent in ``step()``."""

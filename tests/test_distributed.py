@@ -14,9 +14,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import snopt_dyn
 
-MOMENTS = ("paper", "per_sample")
+#: SNOpt's options per variant: today's rule with two second moments, and Adam in the eigenbasis
+#: with averaged factors and a burn-in (issue 20)
+CONFIGS = {"paper": dict(moment="paper"), "per_sample": dict(moment="per_sample"),
+           "adam": dict(rule="adam", beta1=0.9, factor_ema=0.5, burn_in=1, weight_decay=1e-3)}
+MOMENTS = tuple(CONFIGS)
 #: collectives SNOpt makes per refresh: one for all factors, plus one for the per-sample moments
-COLLECTIVES = {"paper": 1, "per_sample": 2}
+COLLECTIVES = {"paper": 1, "per_sample": 2, "adam": 1}
 
 
 class Field(nn.Module):
@@ -81,7 +85,7 @@ def _worker(rank, world, port, out):
             half = x.shape[0] // world
             xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
             ddp = DistributedDataParallel(model)
-            precond = snopt_dyn.SNOpt(ddp, update_freq=2, num_samples=5, moment=moment)
+            precond = snopt_dyn.SNOpt(ddp, update_freq=2, num_samples=5, **CONFIGS[moment])
             counter, real = [0], dist.all_reduce
             dist.all_reduce = _counting_all_reduce(counter)  # SNOpt's collectives (DDP's are C++)
             try:
@@ -105,7 +109,7 @@ def test_ddp_of_wrapped_model_on_two_ranks_matches_one_rank(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for moment in MOMENTS:
         model, x, y = _problem()
-        precond = snopt_dyn.SNOpt(model, update_freq=2, num_samples=5, moment=moment)
+        precond = snopt_dyn.SNOpt(model, update_freq=2, num_samples=5, **CONFIGS[moment])
         want = _preconditioned_grads(model, precond, x, y, 3)
         for rank in range(2):
             got = torch.load(tmp_path / f"{moment}-rank{rank}.pt")

@@ -21,7 +21,10 @@ BASELINES = tuple(n for n in OPTIMIZER_NAMES if n != "snopt")
 FIRST_ORDER = BASELINES
 OPTIMIZER_HELP = {
     "snopt": "SNOpt preconditioner on SGD without momentum (the paper's setting), at a constant rate or with "
-             "AdamW-cosine's warm-up and cosine decay where the task's defaults say schedule=cosine",
+             "AdamW-cosine's warm-up and cosine decay where the task's defaults say schedule=cosine; variants: "
+             "snopt[key=value;...]@LR with SNOpt's keyword arguments (rule=adam, power, beta1, beta2, eps, wd, "
+             "factor_ema, eigh_every, burn_in, moment, damping, update_freq, ...) and schedule, momentum, rest, "
+             "rest_lr",
     "adam": "torch.optim.Adam, constant learning rate",
     "sgd": "SGD with momentum 0.9",
     "sgd-plain": "SGD without momentum",
@@ -124,6 +127,10 @@ def _soap(params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return SOAP(params, lr=lr)
 
 
+#: Every other key of ``snopt[...]`` is a keyword argument of :class:`snopt_dyn.SNOpt` (``wd`` is short
+#: for ``weight_decay``), e.g. ``snopt[rule=adam;power=0.5;beta1=0.95;beta2=0.95;wd=0.01;factor_ema=0.9;
+#: burn_in=1;eigh_every=5]@3e-3``: with ``rule=adam`` give the rate (``@LR``): the base SGD's rate is
+#: then Adam's, not the task's SNOpt rate.
 #: Keys of ``snopt[...]`` (and of a task's ``snopt`` defaults) that shape SNOpt's base optimizer in
 #: ``compare`` rather than SNOpt itself: ``schedule`` (``constant`` or ``cosine``: AdamW-cosine's
 #: warm-up and decay), ``momentum`` of the base SGD, ``rest`` (``sgd``, or ``adam`` for the layers
@@ -133,14 +140,44 @@ SCHEDULES = ("constant", "cosine")
 RESTS = ("sgd", "adam")
 
 
+#: Short names ``snopt[...]`` accepts for SNOpt's keyword arguments.
+ALIASES = {"wd": "weight_decay"}
+
+
+def _canonical(options: Dict[str, object]) -> Dict[str, object]:
+    """``options`` with :data:`ALIASES` spelled out; ``ValueError`` when both spellings are given."""
+    out: Dict[str, object] = {}
+    for key, value in options.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            short = next(k for k, v in ALIASES.items() if v == name)
+            raise ValueError(f"snopt[...] sets {name} twice ({short} is short for {name})")
+        out[name] = value
+    return out
+
+
 def split_snopt_options(options: Dict[str, object]):
-    """``(SNOpt's keyword arguments, the base optimizer's)``; ``ValueError`` on a bad base option."""
+    """``(SNOpt's keyword arguments, the base optimizer's)``; ``ValueError`` on a bad option of
+    either (SNOpt's are checked by :meth:`snopt_dyn.SNOpt.check_options`, before any run starts)."""
+    from ..preconditioner import SNOpt
+    options = _canonical(options)
     snopt = {k: v for k, v in options.items() if k not in BASE_KEYS}
     base = {k: v for k, v in options.items() if k in BASE_KEYS}
     if base.get("schedule", "constant") not in SCHEDULES:
         raise ValueError(f"snopt[schedule=...] must be one of {SCHEDULES}, got {base['schedule']!r}")
     if base.get("rest", "sgd") not in RESTS:
         raise ValueError(f"snopt[rest=...] must be one of {RESTS}, got {base['rest']!r}")
+    for key in ("momentum", "rest_lr"):
+        if key in base and not (isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
+                                and math.isfinite(base[key]) and base[key] >= 0):
+            raise ValueError(f"snopt[{key}=...] must be a number >= 0, got {base[key]!r}")
+    try:
+        SNOpt.check_options(**snopt)
+    except TypeError as err:
+        raise ValueError(f"bad snopt[...] option: {err}; and the base optimizer's {', '.join(BASE_KEYS)}; "
+                         f"short names: {', '.join(f'{k} ({v})' for k, v in ALIASES.items())}") from None
+    except ValueError as err:
+        raise ValueError(f"bad snopt[...] option: {err}") from None
     return snopt, base
 
 

@@ -10,15 +10,17 @@ from typing import Dict, List
 
 from .statistics import stat_dtype
 
-_TENSORS = ("u_a", "u_g", "m2")
-_NUMBERS = ("batch", "mult", "role", "samples")
+_TENSORS = ("u_a", "u_g", "m2", "m1", "a", "g")
+#: per-layer numbers, with the value a checkpoint written before they existed implies
+_NUMBERS = {"batch": 1, "mult": 1, "role": "unknown", "samples": 0, "t": 0, "weight": 0.0}
 
 
 def layer_shapes(st) -> Dict[str, tuple]:
     """The shapes a layer's saved tensors must have: ``(d_in, d_in)``, ``(d_out, d_out)``, ``(d_out, d_in)``."""
     w = st.module.weight
     d_out, d_in = w.shape[0], w[0].numel() + (st.module.bias is not None)
-    return {"u_a": (d_in, d_in), "u_g": (d_out, d_out), "m2": (d_out, d_in)}
+    return {"u_a": (d_in, d_in), "u_g": (d_out, d_out), "m2": (d_out, d_in), "m1": (d_out, d_in),
+            "a": (d_in, d_in), "g": (d_out, d_out)}
 
 
 def save(layers: List, counters: dict) -> dict:
@@ -60,6 +62,5 @@ def load(layers: List, state: dict) -> None:
         for key in _TENSORS:
             t = saved.get(key)
             setattr(st, key, None if t is None else t.detach().to(w.device, stat_dtype(w.dtype)).clone())
-        for key in _NUMBERS:
-            setattr(st, key, saved[key])
-        st.a = st.g = None
+        for key, default in _NUMBERS.items():
+            setattr(st, key, saved.get(key, default))

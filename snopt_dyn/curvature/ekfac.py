@@ -9,7 +9,9 @@ per-sample gradients in that eigenbasis, ``m2``, starts from one of three rules 
   ``m2 ← α m2 + (1-α) B (U_Gᵀ ḡ U_A)²`` with ``ḡ`` the batch-mean gradient and ``B`` the batch;
 * ``"kfac"``: ``m2 = mult · s_G s_Aᵀ`` held fixed (the damped K-FAC inverse in its eigenbasis).
 
-Every step: ``grad ← U_G ((U_Gᵀ grad U_A) ⊘ (m2 + ε)) U_Aᵀ``.
+Every step: ``grad ← U_G ((U_Gᵀ grad U_A) ⊘ (m2 + ε)) U_Aᵀ``.  This is ``SNOpt(rule="ekfac")``, the
+default; :mod:`.eigen_adam` is the Adam rule, which reproduces this one bit for bit at ``power=1``,
+``beta1=0``, ``moment="paper"`` without bias correction.
 """
 from __future__ import annotations
 
