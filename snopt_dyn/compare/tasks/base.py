@@ -21,6 +21,7 @@ class Task:
 
     ``lrs`` are the tuned default learning rates (for ``snopt`` the base SGD's), ``snopt`` the
     preconditioner's keyword arguments, ``budget`` the default training-clock seconds per optimizer.
+    Test evaluations (no gradient, eval mode) solve with per-sample error control at ``eval_tol``.
     """
 
     name: str
@@ -33,6 +34,9 @@ class Task:
     higher_is_better: bool = True
     eval_batch: int = 512
     eval_points: int = 25
+    #: rtol/atol of test evaluations, which run with per-sample error control (``wrap(eval_tol=)``),
+    #: so an example's prediction does not depend on the evaluation batch (``None``: the model's own)
+    eval_tol: Optional[float] = None
     # filled by prepare()
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     train_x: Optional[Tensor] = field(default=None, repr=False)
@@ -67,7 +71,7 @@ class Task:
         """The task's model, initialised from ``seed``, wrapped by :func:`snopt_dyn.wrap`, on the device."""
         torch.manual_seed(seed)
         model = self.builder(self.info)
-        model = snopt_dyn.wrap(model)
+        model = snopt_dyn.wrap(model, per_sample_error="eval", eval_tol=self.eval_tol)
         return model.to(self.device)
 
     def loss(self, model: nn.Module, index: Tensor) -> Tensor:

@@ -81,7 +81,7 @@ def make_task(data: str) -> Task:
     return _ODERNNTask(
         name="latent",
         description="ODE-RNN classifier (snopt_dyn.models.ODERNN), 50% of observations dropped",
-        batch_size=32, budget=30.0,
+        batch_size=32, budget=30.0, eval_tol=1e-5,
         lrs={"snopt": 0.03, "adam": 1e-2, "sgd": 1e-3, "sgd-plain": 0.03, "adamw-cosine": 1e-2, "muon": 0.02, "soap": 3e-3},
         snopt=dict(damping=0.05, update_freq=50, sample_step=1.0, schedule="cosine", rest="adam"),
         loader=functools.partial(_load_series_irregular, data), builder=_build_odernn,

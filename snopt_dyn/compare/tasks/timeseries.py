@@ -112,7 +112,7 @@ def make_task(data: str) -> Task:
     return Task(
         name="timeseries",
         description="torchcde Neural CDE (hidden 32, Hermite cubic spline, dopri5 1e-3)",
-        batch_size=32, budget=30.0,
+        batch_size=32, budget=30.0, eval_tol=1e-5,
         lrs={"snopt": 0.02, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1, "adamw-cosine": 1e-2, "muon": 0.01, "soap": 3e-3},
         snopt=dict(damping=0.05, update_freq=20, sample_step=1.0, schedule="cosine"),
         loader=functools.partial(_load_series_cde, data), builder=_build_cde, data=data or "japanese_vowels")
