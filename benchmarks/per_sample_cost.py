@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-from torch.nn import functional as F
 
 import snopt_dyn
 from snopt_dyn.compare.tasks import get_task
