@@ -12,7 +12,9 @@ adapter's stand-ins route it to the engine, whichever way the user spelled the c
 * ``adjoint=False``: the engine adjoint replaces back-propagation through the solver; the
   ``_VectorField``'s parameters and any spline coefficients that require grad (buffers of the
   interpolation module) receive gradients.
-* ``backend="torchsde"`` is not intercepted (SDE support is a later phase): it runs as before.
+* ``backend="torchsde"`` (an ODE on torchsde's solvers) goes through ``torchsde.sdeint`` /
+  ``sdeint_adjoint``, which :mod:`snopt_dyn.adapters.torchsde` routes to the engine's SDE adjoint
+  (``adjoint=True``; plain ``sdeint`` where the engine is exact, see that module).
 
 The terminal time of a CDE is the end of the data's interval, so ``wrap(...,
 train_terminal_time=True)`` is refused for CDE models.

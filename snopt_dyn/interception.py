@@ -36,6 +36,8 @@ class WrapOptions:
     error control per sample (:mod:`snopt_dyn.per_sample`) always (``True``), never (``False``) or
     for evaluations only (``"eval"``: solves without a gradient or with the model in eval mode).
     ``eval_tol``: rtol and atol of evaluation solves (``None`` keeps the solve's own).
+    ``sde_backprop``: where a plain ``torchsde.sdeint`` the engine is not exact for runs
+    (``"native"`` or ``"adjoint"``, see :func:`snopt_dyn.wrap`).
     """
 
     seminorm: bool = True
@@ -46,9 +48,10 @@ class WrapOptions:
     terminal_time: Optional[float] = None
     per_sample_error: Union[bool, str] = "eval"
     eval_tol: Optional[float] = None
+    sde_backprop: str = "native"
 
     def __setstate__(self, state: dict) -> None:  # models pickled before these options existed
-        self.__dict__.update({"per_sample_error": "eval", "eval_tol": None, **state})
+        self.__dict__.update({"per_sample_error": "eval", "eval_tol": None, "sde_backprop": "native", **state})
 
 
 class Route:

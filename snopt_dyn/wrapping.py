@@ -17,6 +17,9 @@ module globals of libraries the user's code has already imported, see :mod:`snop
   (``wrap(func); odeint(func, y0, t)``), through a solver stored as an attribute
   (``self.odesolve = odeint_adjoint``) or through an imported name
   (``from torchdiffeq import odeint_adjoint as odeint``).  See :mod:`snopt_dyn.interception`.
+* **torchsde** ``sdeint_adjoint`` solves whose ``sde`` is, or contains, a module of a model holding
+  an SDE module (``noise_type`` and ``sde_type`` attributes), and plain ``sdeint`` where the engine is
+  exact or asked for (``sde_backprop``); see :mod:`snopt_dyn.adapters.torchsde`.
 * Models that already call :func:`snopt_dyn.odeint_adjoint` need no wrap; ``wrap`` returns them
   unchanged.
 
@@ -45,6 +48,7 @@ SUPPORTED = (
     "with Augmenter/DepthCat/DataControl); torchcde.cdeint and torchdiffeq.odeint / torchdiffeq.odeint_adjoint "
     "solves whose func is, or contains, a module of the wrapped model (called from forward, another method, "
     "a helper or the training loop; module attribute, imported name or solver stored as an attribute); "
+    "torchsde.sdeint_adjoint (and, where exact, torchsde.sdeint) solves of a torchsde SDE module of the model; "
     "modules calling snopt_dyn.odeint_adjoint directly need no wrap."
 )
 
@@ -54,9 +58,10 @@ class _Survey:
     """What :func:`wrap` found in a model."""
 
     nodes: List[nn.Module] = field(default_factory=list)
-    family: Optional[str] = None  # "torchcde", "torchdiffeq" or None
+    family: Optional[str] = None  # "torchcde", "torchdiffeq", "torchsde" or None
     evidence: List[str] = field(default_factory=list)
     calls_engine: bool = False
+    sde: bool = False  # holds a torchsde SDE module: its sdeint/sdeint_adjoint solves are routed too
 
 
 def _solver_targets():
@@ -91,6 +96,10 @@ def _survey(model: nn.Module) -> _Survey:
                             if discovery.field_like(m)][:1]
         if survey.evidence and survey.family is None:
             survey.family = "torchdiffeq"
+    survey.sde = _is_sde(model)
+    if survey.sde and survey.family is None:
+        survey.evidence.append("a torchsde SDE module")
+        survey.family = "torchsde"
     pkg = sys.modules.get("snopt_dyn")
     engine = [t for t in (pkg, getattr(pkg, "odeint_adjoint", None)) if t is not None]
     survey.calls_engine = any(discovery.refers_to(s, engine) for s in discovery.class_namespaces(model))
@@ -100,6 +109,16 @@ def _survey(model: nn.Module) -> _Survey:
 def _is_sde(model: nn.Module) -> bool:
     """torchsde's convention: an SDE module declares ``noise_type`` and ``sde_type``."""
     return any(hasattr(m, "noise_type") and hasattr(m, "sde_type") for m in model.modules())
+
+
+def _check_no_torchdyn_sde(model: nn.Module) -> None:
+    neuralde = sys.modules.get("torchdyn.core.neuralde")
+    found = discovery.instances(model, getattr(neuralde, "NeuralSDE", None))
+    if found:
+        raise ValueError("snopt_dyn.wrap does not support torchdyn's NeuralSDE (torchdyn 1.0.6's is broken upstream: "
+                         "it raises TypeError at construction). Fix: write the SDE as a torchsde module (attributes "
+                         "noise_type and sde_type, methods f and g) and solve it with torchsde.sdeint_adjoint; "
+                         "wrap then routes that solve to the engine")
 
 
 def _tolerance(value: Optional[float]) -> Optional[float]:
@@ -153,19 +172,25 @@ def _route_solver_calls(model: nn.Module, survey: _Survey, options: WrapOptions)
     """Install the torchdiffeq stand-ins and mark every submodule with the route its solves take."""
     from .adapters import torchdiffeq as adapter
     adapter.install(model)
+    installers = (adapter.ensure_installed,)
+    if survey.sde or (survey.family == "torchcde" and "torchsde" in sys.modules):  # torchcde's backend="torchsde"
+        from .adapters import torchsde as sde_adapter
+        sde_adapter.install(model)
+        installers += (sde_adapter.ensure_installed,)
     owner = None
     if options.train_terminal_time and not survey.nodes:  # NeuralODEs hold their own horizons
         attach_terminal_time(model, options.terminal_time)
         owner = model
         if not discovery.field_like(model):  # a field solved from the loop: every solve is "a forward"
             adapter.count_solves_per_forward(model)
-    mark(model, Route(options, owner, installers=(adapter.ensure_installed,)))
+    mark(model, Route(options, owner, installers=installers))
 
 
 def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = None,
          rtol: Optional[float] = None, atol: Optional[float] = None,
          train_terminal_time: bool = False, terminal_time: Optional[float] = None,
-         per_sample_error: Union[bool, str] = "eval", eval_tol: Optional[float] = None) -> nn.Module:
+         per_sample_error: Union[bool, str] = "eval", eval_tol: Optional[float] = None,
+         sde_backprop: str = "native") -> nn.Module:
     """Make every ODE/CDE solve of ``model`` run on the engine adjoint; return ``model`` itself.
 
     * **No copies**: the same object comes back, with the same parameter tensors (an optimizer made
@@ -202,17 +227,27 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
             ``None`` keeps the solve's own.  The steps are still shared by a batch, so a sample's
             output moves with its companions by about the global error; a tighter tolerance for
             predictions is what bounds that (BENCHMARKS.md: batch dependence).
+        sde_backprop: what a plain ``torchsde.sdeint`` (back-propagation through the solver) on a wrapped
+            SDE does when the engine is not exact for it (any method but fixed-step reversible Heun):
+            ``"native"`` (default) keeps torchsde's solver and says once that SNOpt leaves those layers
+            raw; ``"adjoint"`` runs the engine's stochastic adjoint (gradients then approximate
+            back-propagation's to the step size).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: nothing to intercept was found in ``model`` (the message names the fix), or a
-            torchdyn NeuralODE uses something the engine cannot run.
+        ValueError: nothing to intercept was found in ``model`` (the message names the fix), a
+            torchdyn NeuralODE uses something the engine cannot run, or the model holds a torchdyn
+            NeuralSDE (write it as a torchsde SDE instead).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap expects an nn.Module, got {type(model).__name__}. {SUPPORTED}")
     options = WrapOptions(seminorm=bool(seminorm), method=method, rtol=rtol, atol=atol,
                           train_terminal_time=bool(train_terminal_time), terminal_time=terminal_time,
-                          per_sample_error=check_mode(per_sample_error), eval_tol=_tolerance(eval_tol))
+                          per_sample_error=check_mode(per_sample_error), eval_tol=_tolerance(eval_tol),
+                          sde_backprop=sde_backprop)
+    if sde_backprop not in ("native", "adjoint"):
+        raise ValueError(f"sde_backprop must be 'native' or 'adjoint', got {sde_backprop!r}")
+    _check_no_torchdyn_sde(model)
     survey = _survey(model)
     _check_terminal_time(model, survey, options)
     if not survey.nodes and survey.family is None:
@@ -228,9 +263,11 @@ def wrap(model: nn.Module, *, seminorm: bool = True, method: Optional[str] = Non
 
 
 def restore_originals() -> None:
-    """Put torchdiffeq's own ``odeint``/``odeint_adjoint`` back everywhere wrap rebound them (module
-    globals; solver attributes stay rebound on wrapped models).  Wrapped torchdiffeq/torchcde models
-    then run natively until the next :func:`wrap`; torchdyn NeuralODEs stay on the engine."""
-    adapter = sys.modules.get("snopt_dyn.adapters.torchdiffeq")
-    if adapter is not None:
-        adapter.uninstall()
+    """Put torchdiffeq's own ``odeint``/``odeint_adjoint`` (and torchsde's ``sdeint``/``sdeint_adjoint``)
+    back everywhere wrap rebound them (module globals; solver attributes stay rebound on wrapped
+    models).  Wrapped torchdiffeq/torchcde/torchsde models then run natively until the next
+    :func:`wrap`; torchdyn NeuralODEs stay on the engine."""
+    for name in ("snopt_dyn.adapters.torchdiffeq", "snopt_dyn.adapters.torchsde"):
+        adapter = sys.modules.get(name)
+        if adapter is not None:
+            adapter.uninstall()
