@@ -6,6 +6,11 @@ and the adjoint ``a(t_j)`` taken from the backward solve.  The observer receives
 :meth:`EngineObserver.on_samples` and may evaluate the field once more with ``a(t_j)``
 back-propagated through it.  When nobody asks, the backward pass does no extra work.
 
+SDE solves (:func:`snopt_dyn.sdeint_adjoint`) use a protocol of their own, by duck typing: an observer
+that defines ``sde_sample_spec(sde)`` and ``on_sde_samples(sde, batch)`` gets the samples with the
+Brownian increments of their cells (:mod:`snopt_dyn.sde_sampling`); :class:`snopt_dyn.SNOpt` implements
+both (:mod:`snopt_dyn.curvature.sde_pairing`).
+
 The engine also records, per thread, in which *phase* a field evaluation happens, so that forward
 hooks on layers can tell a sampling evaluation from solver evaluations and from ordinary
 (non-ODE) forward calls.

@@ -17,7 +17,10 @@ Gradient accumulation works: K backward passes (``loss / K`` each) before one ``
 update of one batch K times the size.
 
 This class is the observer of the engine and the orchestration of one step; the pieces live in
-:mod:`snopt_dyn.curvature` (how G is scaled: :mod:`snopt_dyn.curvature.statistics`).
+:mod:`snopt_dyn.curvature` (how G is scaled: :mod:`snopt_dyn.curvature.statistics`).  It also observes
+SDE solves of :func:`snopt_dyn.sdeint_adjoint` (``sde_sample_spec``/``on_sde_samples``): drift and
+(Stratonovich) diffusion layers get factors by our extension of SNOpt to SDEs
+(:mod:`snopt_dyn.curvature.sde_pairing`, not the paper's method).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from torch import Tensor, nn
 
 from . import hooks
 from .curvature import (basis_change, burn_in, checkpoint, distributed, eigen_adam, ekfac, factor_average,
-                        trust_region, warm_basis, weight_decay)
+                        sde_pairing, trust_region, warm_basis, weight_decay)
 from .curvature.batching import backward_pass_id
 from .curvature.lifecycle import LayerHooks, foreign_solver
 from .curvature.pairing import Sampler
@@ -55,6 +58,8 @@ RULE_MOMENTS = {"ekfac": (DEFAULT_MOMENT,) + tuple(m for m in ekfac.MOMENTS if m
                 "adam": eigen_adam.MOMENTS}
 #: Options only ``rule="adam"`` reads (given to another rule with a non-default value: ``ValueError``).
 ADAM_ONLY = ("beta1", "beta2", "eps", "power", "bias_correction")
+#: The role of a layer reaching the diffusion of an Itô SDE: left raw (see :mod:`snopt_dyn.curvature.sde_pairing`).
+ITO_DIFFUSION = "ito-diffusion"
 
 
 @dataclass
@@ -64,7 +69,7 @@ class _LayerState:
     name: str
     module: nn.Module
     kind: LayerKind
-    role: str = "unknown"  # "ode", "static", "foreign" or "unknown" (not seen yet)
+    role: str = "unknown"  # "ode" (ODE/SDE fields), "static", "foreign", "ito-diffusion" (raw) or "unknown"
     a: Optional[Tensor] = None  # the factors the bases were built from (averaged with factor_ema)
     g: Optional[Tensor] = None
     weight: float = 0.0  # the total weight of the running average of a and g
@@ -102,7 +107,8 @@ def _positive_int(name: str, value) -> int:
 
 
 class SNOpt(hooks.EngineObserver):
-    """Second-order preconditioner for models whose ODE solves run on :func:`snopt_dyn.odeint_adjoint`.
+    """Second-order preconditioner for models whose ODE solves run on :func:`snopt_dyn.odeint_adjoint`
+    (and SDE solves on :func:`snopt_dyn.sdeint_adjoint`, see ``sde_noise``).
 
     Args:
         model: the model; may not have run yet.  Its ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
@@ -143,6 +149,13 @@ class SNOpt(hooks.EngineObserver):
             Default 0.
         factor_ema: the factors as a running average across refreshes, weight of the past in
             [0, 1) (:mod:`snopt_dyn.curvature.factor_average`); default 0: each refresh's own batch.
+        sde_noise: the Brownian increments of the diffusion statistics of SDE fields solved by
+            :func:`snopt_dyn.sdeint_adjoint` (our extension of SNOpt's factors to SDEs,
+            :mod:`snopt_dyn.curvature.sde_pairing`): ``"path"`` (default; the solve's own ``ΔW_j``, so
+            the paired products sum to the gradient) or ``"fresh"`` (``√Δ_j · ε`` drawn anew, in the
+            statistics only).  Drift layers of every SDE and diffusion layers of Stratonovich SDEs are
+            preconditioned; layers reaching the diffusion of an Itô SDE keep their raw gradient
+            (role ``"ito-diffusion"``, said once).
         eigh_every: a full eigendecomposition on every ``eigh_every``-th basis rebuild; the rebuilds
             in between refine the current basis by one power iteration + QR on the (averaged)
             factors (SOAP's cheap update, :mod:`snopt_dyn.curvature.warm_basis`).  Default 1: always.
@@ -187,7 +200,7 @@ class SNOpt(hooks.EngineObserver):
                  lr: Optional[trust_region.LearningRate] = None, rule: str = DEFAULT_RULE,
                  beta1: float = 0.9, beta2: float = 0.999, eps: Optional[Schedule] = None, power: float = 0.5,
                  bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
-                 eigh_every: int = 1, burn_in: int = 0):
+                 eigh_every: int = 1, burn_in: int = 0, sde_noise: str = sde_pairing.SDE_NOISE[0]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
         moment = RULE_MOMENTS.get(rule, (DEFAULT_MOMENT,))[0] if moment is None else moment
@@ -195,7 +208,7 @@ class SNOpt(hooks.EngineObserver):
                            num_samples=num_samples, loss_reduction=loss_reduction, moment=moment,
                            batch_size=batch_size, rule=rule, beta1=beta1, beta2=beta2, eps=eps, power=power,
                            bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
-                           eigh_every=eigh_every, burn_in=burn_in)
+                           eigh_every=eigh_every, burn_in=burn_in, sde_noise=sde_noise)
         trust_region.check(kl_clip, lr)
         self.rule, self.beta1, self.beta2, self.eps, self.power = rule, float(beta1), float(beta2), eps, float(power)
         self.bias_correction, self.weight_decay = bool(bias_correction), float(weight_decay)
@@ -207,6 +220,9 @@ class SNOpt(hooks.EngineObserver):
         self.damping, self.alpha, self.update_freq = damping, alpha, update_freq
         self.loss_reduction, self.static_layers, self.moment = loss_reduction, static_layers, moment
         self.raise_on_nonfinite = raise_on_nonfinite
+        self.sde_noise = sde_noise
+        self._noise: Dict[torch.device, torch.Generator] = {}  # sde_noise="fresh": private generators
+        self._warned_sde: set = set()  # the SDE notes said once: "foreign-torchsde", "ito"
         self.steps = self.refreshes = self.last_samples = 0
         self.step_time = self.total_step_time = 0.0
         self._layers: Dict[nn.Module, _LayerState] = self._find_layers(model, skip)
@@ -268,6 +284,8 @@ class SNOpt(hooks.EngineObserver):
             raise ValueError(f"SNOpt: bias_correction must be True or False, got {get('bias_correction')!r}")
         if "weight_decay" in options:
             _number("weight_decay", get("weight_decay"), open_low=False)
+        if get("sde_noise", sde_pairing.SDE_NOISE[0]) not in sde_pairing.SDE_NOISE:
+            raise ValueError(f"SNOpt: sde_noise must be one of {sde_pairing.SDE_NOISE}, got {get('sde_noise')!r}")
         if "eigh_every" in options:
             _positive_int("eigh_every", get("eigh_every"))
         if "burn_in" in options and (isinstance(get("burn_in"), bool) or not isinstance(get("burn_in"), int)
@@ -348,6 +366,25 @@ class SNOpt(hooks.EngineObserver):
     def on_samples(self, func, batch: hooks.SampleBatch) -> None:
         self._sampled = True
         self._sampler.run(func, batch, self._add_ode, self._disconnected)
+
+    def sde_sample_spec(self, sde) -> Optional[hooks.SampleSpec]:
+        """SDE solves of :func:`snopt_dyn.sdeint_adjoint` (:mod:`snopt_dyn.sde_sampling`): samples on
+        refresh iterations for an SDE module holding registered layers.  No role is set here: the SDE
+        module is often the whole model (encoder, read-out), so a layer's role follows the uses it gets."""
+        if not (self.refreshing and isinstance(sde, nn.Module)):
+            return None
+        return self.sample_spec_ if any(m in self._layers for m in sde.modules()) else None
+
+    def on_sde_samples(self, sde, batch) -> None:
+        self._sampled = True
+        generator = None
+        if self.sde_noise == "fresh":
+            device = batch.increments.device
+            if device not in self._noise:
+                self._noise[device] = torch.Generator(device=device).manual_seed(0)
+            generator = self._noise[device]
+        self._ito_raw |= sde_pairing.run(self._sampler, batch, self._add_ode, self._disconnected, self.sde_noise,
+                                         generator)
 
     @property
     def sampling_nfe(self) -> int:
@@ -430,6 +467,9 @@ class SNOpt(hooks.EngineObserver):
         factors: Dict[nn.Module, Factors] = {}
         if refresh:
             for st in layers:
+                if st.module in self._ito_raw and not st.foreign:
+                    st.role = ITO_DIFFUSION  # reaches an Itô diffusion: left raw
+                    continue
                 stats = st.ode if st.ode.uses else st.static
                 f = stats.finalize(self.loss_reduction) if not st.foreign else None
                 if st.foreign:
@@ -528,16 +568,21 @@ class SNOpt(hooks.EngineObserver):
             entries = distributed.average_factors(entries, shapes, layers[0].module.weight.device)
         decay = 1.0 if burn_in.in_burn_in(self.steps, self.burn_in) else self.factor_ema
         self.last_samples = 0
+        sde_notes: Dict[str, List[str]] = {"foreign-torchsde": [], "ito": []}
         for st, f in zip(layers, entries):
             if f is None:
                 st.a = st.g = st.u_a = st.u_g = st.m2 = st.m1 = None
                 st.weight, st.t = 0.0, 0
-                self._warn_no_stats(st)
+                if st.foreign == "torchsde" or st.role == ITO_DIFFUSION:
+                    sde_notes["foreign-torchsde" if st.foreign else "ito"].append(st.name)
+                else:
+                    self._warn_no_stats(st)
                 continue
             (st.a, st.g, st.mult), st.weight = self._blend(st, f, decay)
             st.batch = f.batch
             st.samples = len(st.ode.evaluations) // max(1, len(st.ode.passes)) if st.role == "ode" else 0
             self.last_samples = max(self.last_samples, st.samples)
+        self._warn_sde(sde_notes)
         return entries
 
     @staticmethod
@@ -600,6 +645,27 @@ class SNOpt(hooks.EngineObserver):
                 if t is not None:
                     setattr(st, key, t.to(grad.device, dtype))
 
+    def _warn_sde(self, notes: Dict[str, List[str]]) -> None:
+        """Say once (per SNOpt) which SDE layers keep their raw gradient, why, and the fix."""
+        keeps = "get plain Adam's update (the identity basis)" if self._identity_adam() else "keep their raw gradients"
+        texts = {
+            "foreign-torchsde": "are evaluated by torchsde's own solver (a torchsde.sdeint call that snopt_dyn.wrap "
+                                "leaves native, or a model that is not wrapped), not by the snopt_dyn engine; no "
+                                "Kronecker factors are built from another library's solver. Fix: solve with "
+                                "torchsde.sdeint_adjoint on the wrapped model (or snopt_dyn.sdeint_adjoint), or "
+                                "snopt_dyn.wrap(model, sde_backprop='adjoint') to route plain torchsde.sdeint to "
+                                "the engine's stochastic adjoint (method='reversible_heun' is routed exactly)",
+            "ito": "reach the diffusion of an Itô SDE: their gradient has Itô-Stratonovich correction terms "
+                   "(through dg/dz · g) that SNOpt's SDE rows a ⊙ ΔW do not describe, so they are not "
+                   "preconditioned (drift-only layers of the same SDE are). Fix: write the SDE as a Stratonovich "
+                   "SDE (sde_type='stratonovich', drift f - ½ Σ_k (∂g_k/∂z) g_k) to precondition them",
+        }
+        for key, names in notes.items():
+            if names and key not in self._warned_sde:
+                self._warned_sde.add(key)
+                warnings.warn(f"SNOpt: layers {', '.join(map(repr, names))} {texts[key]}; they {keeps}.",
+                              UserWarning, stacklevel=5)
+
     def _warn_no_stats(self, st: _LayerState) -> None:
         if st.warned:
             return
@@ -631,6 +697,7 @@ class SNOpt(hooks.EngineObserver):
             st.ode, st.static = LayerStats(keep), LayerStats(keep)
             st.checked, st.foreign = False, None
         self._sampled = False
+        self._ito_raw: set = set()  # layers reaching an Itô SDE's diffusion in this refresh (left raw)
 
     # ----------------------------------------------------------------------------- state & info
     def state_dict(self) -> dict:
@@ -654,7 +721,8 @@ class SNOpt(hooks.EngineObserver):
         self._hooks.set_active(self.refreshing)
 
     def layers(self) -> Dict[str, dict]:
-        """Per-layer diagnostics: role (``"ode"``/``"static"``/``"foreign"``), factor shapes, samples."""
+        """Per-layer diagnostics: role (``"ode"``: in an ODE/SDE field, time-sampled factors; ``"static"``;
+        ``"foreign"``; ``"ito-diffusion"``: reaches an Itô SDE's diffusion, raw), factor shapes, samples."""
         return {st.name: {"role": st.role, "kind": type(st.module).__name__,
                           "A": tuple(st.u_a.shape) if st.u_a is not None else None,
                           "G": tuple(st.u_g.shape) if st.u_g is not None else None,

@@ -13,7 +13,8 @@ are extra output times of the backward segments' solves, which torchsde's ``inte
 linear interpolation without changing its steps (``next_t = min(t + dt, segment end)``), so a
 sampled backward pass gives bit for bit the gradient of an unsampled one.  The increments ``ΔW_j``
 are read from the same Brownian object after the backward solve, so they cannot change any increment
-the solver used.
+the solver used.  :class:`snopt_dyn.SNOpt` is the observer that uses them
+(:mod:`snopt_dyn.curvature.sde_pairing`: drift rows ``a``, diffusion rows ``a ⊙ ΔW`` or ``a ΔWᵀ``).
 """
 from __future__ import annotations
 

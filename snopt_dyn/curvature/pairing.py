@@ -123,7 +123,13 @@ class Sampler:
                 disconnected(u.module)
             return
         targets, cotangents = [o for o, _ in pairs], [a for _, a in pairs]
-        scale = output_scale(self.reduction, n, weight)
+        self.pair(uses, targets, cotangents, n, output_scale(self.reduction, n, weight), pass_id, add, disconnected)
+
+    def pair(self, uses: List[Use], targets: Sequence[Tensor], cotangents: Sequence[Tensor], n: int, scale,
+             pass_id: int, add: Sink, disconnected: Callable[[nn.Module], None]) -> None:
+        """Pair every use of one sampling evaluation with its own output gradient: the gradient of
+        ``Σ cotangentᵀ target`` w.r.t. the use's output, times ``scale`` (the per-sample rescaling and
+        quadrature weight of :func:`.statistics.output_scale`); ``n`` is the solve's batch size."""
         own = [u for u in uses if n == 1 or u.kind.batched(u.target).shape[0] == n]
         shared = [u for u in uses if not (n == 1 or u.kind.batched(u.target).shape[0] == n)]
         if own:
