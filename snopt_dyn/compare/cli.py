@@ -41,6 +41,7 @@ tasks (--data picks the data set where a task has several):
   latent      ODE-RNN classifier on JapaneseVowels with 50% of the observations dropped
               --data as for timeseries
   flow        continuous normalizing flow (FFJORD-style CNF) on the diamonds table, test NLL
+  sde         latent SDE (torchsde, logqp ELBO) on UEA BasicMotions, test reconstruction MSE
 
 optimizers:
 """ + "\n".join(f"  {k:<10}  {v}" for k, v in OPTIMIZER_HELP.items()) + """
