@@ -47,7 +47,7 @@ optimizers:
 """ + "\n".join(f"  {k:<10}  {v}" for k, v in OPTIMIZER_HELP.items()) + """
 
 examples:
-  snopt-dyn compare                                  # timeseries, ~4 minutes on 2 cores
+  snopt-dyn compare                                  # timeseries, ~8 minutes on 2 cores
   snopt-dyn compare --task image --budget 30
   snopt-dyn compare --task image --data digits --budget 20
   snopt-dyn compare --optimizers snopt,sgd --iters 200 --lr sgd=0.05

@@ -20,7 +20,8 @@ BASELINES = tuple(n for n in OPTIMIZER_NAMES if n != "snopt")
 #: Kept for code written against the first release (which had first-order baselines only).
 FIRST_ORDER = BASELINES
 OPTIMIZER_HELP = {
-    "snopt": "SNOpt preconditioner on SGD without momentum (the paper's setting), at a constant rate or with "
+    "snopt": "SNOpt preconditioner on SGD without momentum, with the task's update rule (the paper's, or "
+             "rule=adam: Adam in the time-sampled eigenbasis, the timeseries default), at a constant rate or with "
              "AdamW-cosine's warm-up and cosine decay where the task's defaults say schedule=cosine; variants: "
              "snopt[key=value;...]@LR with SNOpt's keyword arguments (rule=adam, power, beta1, beta2, eps, wd, "
              "factor_ema, eigh_every, burn_in, moment, damping, update_freq, ...) and schedule, momentum, rest, "

@@ -56,7 +56,8 @@ def _label(run) -> str:
     """The legend's name of a run; SNOpt's says what its base optimizer does (schedule, other layers)."""
     if run.kind != "snopt":
         return LABELS.get(run.kind, run.kind)
-    base = ["SGD"] + (["cosine"] if run.lr_schedule is not None else [])
+    rule = getattr(run.precond, "rule", "ekfac")
+    base = ["Adam rule" if rule == "adam" else "SGD"] + (["cosine"] if run.lr_schedule is not None else [])
     if isinstance(run.optimizer, Combined):  # SGD for the preconditioned layers, Adam for the rest
         base.append("Adam for other layers")
     return f"SNOpt ({', '.join(base)})"

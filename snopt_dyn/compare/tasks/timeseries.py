@@ -85,6 +85,12 @@ def _build_cde(info) -> nn.Module:
 
 
 TUNING = (
+    "Fourth round (update rules, BENCHMARKS.md §6): SNOpt's rule is Adam in the time-sampled eigenbasis "
+    "(rule=adam, power 1/2, bias correction, beta 0.9/0.999) at 1e-2 with the cosine schedule, chosen on "
+    "JapaneseVowels and BasicMotions (3 seeds, 30 s): plateau 92.77% vs 94.32% for the paper's rule on "
+    "JapaneseVowels, 53.3% vs 30.0% on BasicMotions (training loss 0.95 vs 4.10: the paper's rule is not "
+    "scale-free and its first steps on a new data set are too long); confirmed unchanged on UCR sets from aeon's "
+    "wheel (ItalyPowerDemand 92.35% vs 86.42%). The rest below is the earlier rounds'. "
         "SNOpt's base SGD with AdamW-cosine's warm-up and cosine decay (schedule=cosine), from an interleaved ablation "
     "(3 seeds, 30 s per run, with adamw-cosine and soap): plateau median 93.78% [91.89, 93.85] vs 91.62% at a constant "
     "rate, time to the best baseline's plateau / fastest baseline 0.68, 0.51, 0.77 vs 0.74, 0.84, 1.01; kl_clip=0.02 "
@@ -112,7 +118,7 @@ def make_task(data: str) -> Task:
     return Task(
         name="timeseries",
         description="torchcde Neural CDE (hidden 32, Hermite cubic spline, dopri5 1e-3)",
-        batch_size=32, budget=30.0, eval_tol=1e-5,
-        lrs={"snopt": 0.02, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1, "adamw-cosine": 1e-2, "muon": 0.01, "soap": 3e-3},
-        snopt=dict(damping=0.05, update_freq=20, sample_step=1.0, schedule="cosine"),
+        batch_size=32, budget=30.0, eval_tol=1e-5, eval_points=12,
+        lrs={"snopt": 1e-2, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1, "adamw-cosine": 1e-2, "muon": 0.01, "soap": 3e-3},
+        snopt=dict(rule="adam", power=0.5, update_freq=20, sample_step=1.0, schedule="cosine"),
         loader=functools.partial(_load_series_cde, data), builder=_build_cde, data=data or "japanese_vowels")
