@@ -44,7 +44,7 @@ import torchdiffeq
 from .. import hooks, per_sample
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..discovery import all_namespaces
-from ..interception import ROUTE, Route, WrapOptions, reroute, restore_originals, route_of
+from ..interception import ROUTE, Route, WrapOptions, reroute, reroute_attributes, restore_originals, route_of
 from ..terminal_time import rescale_to_horizon, terminal_time_leaf
 
 #: torchdiffeq's own functions, read from its implementation modules (which are never patched);
@@ -227,12 +227,7 @@ def install(model: nn.Module) -> List[str]:
     """Rebind the solver names (process-wide) and the solver attributes of ``model``'s submodules;
     return the attributes rebound (``"<module>.<attr>"``)."""
     install_globals()
-    rebound = []
-    for name, module in model.named_modules():
-        before = dict(vars(module))
-        if reroute(PAIRS, [vars(module)], track=False):
-            rebound += [f"{name or type(model).__name__}.{k}" for k, v in before.items() if vars(module)[k] is not v]
-    return rebound
+    return reroute_attributes(model, PAIRS)
 
 
 def uninstall() -> None:

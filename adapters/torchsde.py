@@ -45,7 +45,7 @@ import torchsde
 
 from .. import hooks
 from ..discovery import all_namespaces
-from ..interception import Route, reroute, restore_originals, route_of
+from ..interception import Route, reroute, reroute_attributes, restore_originals, route_of
 from ..sde_adjoint import sdeint_adjoint as _engine_sdeint_adjoint
 from .torchdiffeq import _module_tensors
 
@@ -220,12 +220,7 @@ def install(model: nn.Module) -> List[str]:
     """Rebind the solver names (process-wide) and the solver attributes of ``model``'s submodules;
     return the attributes rebound (``"<module>.<attr>"``)."""
     install_globals()
-    rebound = []
-    for name, module in model.named_modules():
-        before = dict(vars(module))
-        if reroute(PAIRS, [vars(module)], track=False):
-            rebound += [f"{name or type(model).__name__}.{k}" for k, v in before.items() if vars(module)[k] is not v]
-    return rebound
+    return reroute_attributes(model, PAIRS)
 
 
 def uninstall() -> None:

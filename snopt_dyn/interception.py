@@ -138,6 +138,17 @@ def reroute(pairs: Sequence[Tuple[object, object]], namespaces: Iterable[dict], 
     return count
 
 
+def reroute_attributes(model: nn.Module, pairs: Sequence[Tuple[object, object]]) -> list:
+    """:func:`reroute` on the instance attributes of ``model``'s submodules (``self.odesolve =
+    odeint_adjoint``), untracked: they belong to the model.  Returns ``"<module>.<attr>"`` rebound."""
+    rebound = []
+    for name, module in model.named_modules():
+        before = dict(vars(module))
+        if reroute(pairs, [vars(module)], track=False):
+            rebound += [f"{name or type(model).__name__}.{k}" for k, v in before.items() if vars(module)[k] is not v]
+    return rebound
+
+
 def restore_originals(pairs: Sequence[Tuple[object, object]], namespaces: Iterable[dict] = ()) -> None:
     """Undo :func:`reroute`: put back every tracked module global, and in ``namespaces`` every name
     bound to a replacement of ``pairs`` (modules imported after the patch bound the replacement)."""
