@@ -13,25 +13,12 @@ from torch import nn
 
 torchsde = pytest.importorskip("torchsde")
 
+from sde_helpers import engine_used
 import snopt_dyn  # noqa: E402
 
 B, DATA, LATENT, CONTEXT, HIDDEN = 5, 2, 3, 4, 8
 TS = torch.linspace(0, 1, 5, dtype=torch.float64)  # 0.25 apart: on a dt = 1/16 grid exactly
 DT = 1 / 16
-
-
-def _engine_used(loss: torch.Tensor) -> bool:
-    """Whether the engine's SDE solve is in ``loss``'s graph."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "_SDEAdjointSolveBackward":
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
 
 
 class LatentSDE(nn.Module):
@@ -100,7 +87,7 @@ def _loss_and_grads(model, native: bool, **kwargs):
                 loss = model(xs, eps, _bm(), **kwargs)
         else:
             loss = model(xs, eps, _bm(), **kwargs)
-    used = _engine_used(loss)
+    used = engine_used(loss)
     loss.backward()
     return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                            for p in model.parameters()], used
@@ -138,7 +125,7 @@ def test_plain_sdeint_elsewhere_stays_native_and_says_so():
     xs, eps = _data()
     with pytest.warns(RuntimeWarning, match="sde_backprop='adjoint'"):
         loss = model(xs, eps, _bm(), adjoint=False, method="euler")
-    assert not _engine_used(loss)
+    assert not engine_used(loss)
 
 
 def test_sde_backprop_adjoint_routes_plain_sdeint():
@@ -187,7 +174,7 @@ def test_plain_sdeint_reading_an_unlisted_tensor_stays_native():
     y0 = torch.randn(B, LATENT, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="adjoint_params"):
         ys = torchsde.sdeint(sde, y0, TS, bm=_bm(LATENT), dt=DT, method="reversible_heun")
-    assert not _engine_used(ys.sum())
+    assert not engine_used(ys.sum())
     ys.sum().backward()
     assert w.grad is not None
 
@@ -198,7 +185,7 @@ def test_unwrapped_sde_runs_natively():
     snopt_dyn.wrap(LatentSDE().double())  # installs the stand-ins
     assert torchsde.sdeint_adjoint is not torchsde._core.adjoint.sdeint_adjoint
     xs, eps = _data()
-    assert not _engine_used(model(xs, eps, _bm()))
+    assert not engine_used(model(xs, eps, _bm()))
 
 
 def test_a_name_imported_before_wrap_is_rerouted(monkeypatch):
@@ -216,7 +203,7 @@ def test_a_name_imported_before_wrap_is_rerouted(monkeypatch):
     y0 = torch.randn(B, LATENT, dtype=torch.float64)
     model._ctx = (TS, torch.zeros(len(TS), B, CONTEXT, dtype=torch.float64))
     ys = helper.sdeint_adjoint(model, y0, TS, bm=_bm(LATENT), dt=DT, method="euler")
-    assert _engine_used(ys.sum())
+    assert engine_used(ys.sum())
 
 
 def test_reversible_heun_notes_are_torchsde_s():
@@ -243,7 +230,7 @@ def test_restore_originals_puts_torchsde_back():
     assert torchsde.sdeint is torchsde._core.sdeint.sdeint
     model = snopt_dyn.wrap(LatentSDE().double())  # and wrapping again reinstalls them
     xs, eps = _data()
-    assert _engine_used(model(xs, eps, _bm()))
+    assert engine_used(model(xs, eps, _bm()))
 
 
 def test_wrap_refuses_torchdyn_neural_sde_pointing_to_torchsde():
@@ -286,7 +273,7 @@ def test_torchcde_torchsde_backend_with_adjoint_runs_on_the_engine():
     coeffs = torchcde.linear_interpolation_coeffs(torch.randn(B, 6, DATA, dtype=torch.float64))
     z0 = torch.randn(B, LATENT, dtype=torch.float64)
     out = model(coeffs, z0)
-    assert _engine_used(out.sum())
+    assert engine_used(out.sum())
     out.square().sum().backward()
     routed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -11,6 +11,7 @@ import torch
 
 torchsde = pytest.importorskip("torchsde")
 
+from sde_helpers import engine_used
 import snopt_dyn  # noqa: E402
 from snopt_dyn.compare import cli  # noqa: E402
 from snopt_dyn.compare.runner import compare  # noqa: E402
@@ -18,19 +19,6 @@ from snopt_dyn.compare.tasks import TASKS, TUNING, get_task  # noqa: E402
 from snopt_dyn.models import LatentSDE, latent_sde  # noqa: E402
 
 N, L, OBS = 3, 6, 2
-
-
-def _engine_used(loss: torch.Tensor) -> bool:
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "_SDEAdjointSolveBackward":
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
 
 
 def _data():
@@ -48,7 +36,7 @@ def _loss_and_grads(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss = model.elbo(x, ts, bm=bm, eps=eps)
-    used = _engine_used(loss)
+    used = engine_used(loss)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, used
 
