@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hooks
+from .adjoint import nfe
 from .sde_sampling import SDESampler, wants_samples
 from .sde_torchsde import TorchsdeParts, parts as _torchsde_parts
 
@@ -58,6 +59,34 @@ class _Setup:
     n_extras: int                 # tensors of solver state (the reversible Heun family: f, g and z)
     keep_extras: bool             # the reversible Heun pair: the backward starts from the forward's solver state
     torchsde: TorchsdeParts
+    counter: "_EvaluationCounter"
+
+
+#: the user's SDE methods that torchsde's ``ForwardSDE`` binds; each call is one evaluation
+_COUNTED = ("f", "g", "f_and_g", "g_prod", "f_and_g_prod")
+
+
+class _EvaluationCounter:
+    """Counts the user's drift and diffusion evaluations into :data:`snopt_dyn.nfe` (``f``, ``g``,
+    ``g_prod`` or a fused ``f_and_g[_prod]``: one each), split by pass, as the ODE engine counts its
+    field: rebinds the methods torchsde's ``ForwardSDE`` took from the user's SDE, nothing else."""
+
+    def __init__(self, forward_sde: nn.Module):
+        self.pass_name = "forward"
+        base = getattr(forward_sde, "_base_sde", None)
+        for name in _COUNTED:
+            method = forward_sde.__dict__.get(name)
+            if method is not None and getattr(method, "__self__", None) is base:
+                forward_sde.__dict__[name] = self._counting(method)
+
+    def _counting(self, method):
+        def counted(*args, **kwargs):
+            if self.pass_name == "forward":
+                nfe.forward += 1
+            else:
+                nfe.backward += 1
+            return method(*args, **kwargs)
+        return counted
 
 
 class _SDEAdjointSolve(torch.autograd.Function):
@@ -79,6 +108,7 @@ class _SDEAdjointSolve(torch.autograd.Function):
                 "solve). Fix: call torchsde.sdeint_adjoint for this solve (inside snopt_dyn.no_interception() "
                 "for a wrapped model), or differentiate once.")
         setup: _Setup = ctx.setup
+        setup.counter.pass_name = "backward"
         ys, ts, *saved = ctx.saved_tensors
         kept = setup.n_extras if setup.keep_extras else 0
         extras, params = tuple(saved[:kept]), tuple(saved[kept:])
@@ -208,6 +238,7 @@ def sdeint_adjoint(sde: nn.Module, y0: Tensor, ts, bm=None, method: Optional[str
     with hooks.phase(hooks.SOLVE):  # torchsde calls f and g once at ts[0] to check their shapes
         sde, y0, ts, bm, method, options = sde_lib.check_contract(sde, y0, ts, bm, method, adaptive, options,
                                                                   names, logqp)
+    counter = _EvaluationCounter(sde)
     sde_lib.assert_no_grad(["ts", "dt", "rtol", "adjoint_rtol", "atol", "adjoint_atol", "dt_min"],
                            [ts, dt, rtol, adjoint_rtol, atol, adjoint_atol, dt_min])
     params = tuple(sde.parameters()) if adjoint_params is None else tuple(adjoint_params)
@@ -223,6 +254,7 @@ def sdeint_adjoint(sde: nn.Module, y0: Tensor, ts, bm=None, method: Optional[str
     setup = _Setup(sde=sde, user_sde=user_sde, bm=bm, dt=dt, solver=solver, adjoint_method=adjoint_method,
                    adjoint_adaptive=adjoint_adaptive, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                    dt_min=dt_min, adjoint_options={} if adjoint_options is None else dict(adjoint_options),
-                   n_extras=len(extra_solver_state), keep_extras=keep, torchsde=sde_lib)
+                   n_extras=len(extra_solver_state), keep_extras=keep, torchsde=sde_lib,
+                   counter=counter)
     ys, *extra_solver_state = _SDEAdjointSolve.apply(setup, ts, y0, *extra_solver_state, *params)
     return sde_lib.parse_return(y0, ys, extra_solver_state, extra, logqp)

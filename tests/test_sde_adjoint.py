@@ -509,3 +509,40 @@ def test_snopt_dyn_imports_without_torchsde():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused: snopt_dyn.sdeint_adjoint needs torchsde: pip install" in out.stdout
+
+
+class _CountingSDE(ToySDE):
+    """Counts its own drift and diffusion calls, into the bucket the test names."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls, self.bucket = {"forward": 0, "backward": 0}, "forward"
+
+    def f(self, t, y):
+        self.calls[self.bucket] += 1
+        return super().f(t, y)
+
+    def g(self, t, y):
+        self.calls[self.bucket] += 1
+        return super().g(t, y)
+
+
+#: torchsde's ``check_contract`` calls ``f`` and ``g`` once each, before any solve, to check shapes
+CONTRACT_CALLS = 2
+
+
+@pytest.mark.parametrize("noise,sde_type,method", [("diagonal", "ito", "euler"), ("general", "ito", "euler"),
+                                                   ("diagonal", "stratonovich", "midpoint"),
+                                                   ("diagonal", "stratonovich", "reversible_heun")])
+def test_nfe_counts_the_sdes_own_evaluations_by_pass(noise, sde_type, method):
+    """``snopt_dyn.nfe`` equals the SDE's own count of its calls, by pass (the shape check apart)."""
+    sde = _CountingSDE(noise, sde_type).double()
+    y0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    ts = torch.linspace(0, T1, 3, dtype=torch.float64)
+    snopt_dyn.nfe.reset()
+    ys = snopt_dyn.sdeint_adjoint(sde, y0, ts, bm=_brownian(sde.m, torch.float64), method=method, dt=0.05)
+    sde.bucket = "backward"
+    ys.pow(2).sum().backward()
+    assert sde.calls["backward"] > 0
+    assert snopt_dyn.nfe.forward == sde.calls["forward"] - CONTRACT_CALLS > 0
+    assert snopt_dyn.nfe.backward == sde.calls["backward"]
