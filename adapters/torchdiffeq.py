@@ -175,7 +175,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
 
 
 def _module_tensors(func: nn.Module) -> Tuple[Tensor, ...]:
-    """Parameters, buffers and tensor attributes of ``func`` (and its submodules) requiring grad."""
+    """Parameters, buffers and tensor attributes of ``func`` (and its submodules) requiring grad,
+    less those computed from others of them (:func:`_independent`): what the engine differentiates."""
     found: List[Tensor] = []
     seen = set()
 
@@ -191,7 +192,38 @@ def _module_tensors(func: nn.Module) -> Tuple[Tensor, ...]:
     for m in func.modules():
         for v in vars(m).values():
             add(v)
-    return tuple(found)
+    return _independent(found)
+
+
+def _independent(tensors) -> tuple:
+    """``tensors`` less those whose autograd history reaches another of them.  The engine gives each
+    tensor it differentiates the whole gradient through the field(s), history included;
+    a tensor listed with one it was computed from (``self.ctx = self.encoder(x)`` next to the
+    encoder's parameters) would pass that one's gradient twice, once from the engine and once back
+    through its own history.  Left out, its history is differentiated through the fields instead."""
+    leaves = {id(t) for t in tensors if t.grad_fn is None}
+    nodes = {t.grad_fn for t in tensors if t.grad_fn is not None}
+    return tuple(t for t in tensors if t.grad_fn is None or not _history_reaches(t.grad_fn, leaves, nodes))
+
+
+def _history_reaches(start, leaves, nodes) -> bool:
+    """Whether the graph above ``start`` (not ``start`` itself) has a node of ``nodes`` or a leaf in ``leaves``."""
+    stack = [nxt for nxt, _ in start.next_functions]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in nodes:
+            return True
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) in leaves:
+                return True
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):

@@ -24,9 +24,11 @@ What goes where.
     naming the fix, because SNOpt then sees those layers run by another library's solver.
 
   The routed ``sdeint`` differentiates the SDE module's parameters, buffers and tensor attributes
-  that require grad.  If the drift or diffusion reads another tensor requiring grad (a context held
-  in a tuple or a closure), the engine could not give it a gradient, so the call stays native and
-  this is said once.
+  that require grad, less any tensor attribute computed from others of them (a context made by the
+  module's own encoder, torchcde's ``_derivs`` made from ``_coeffs``: listing both would count the
+  gradient of the first twice, once from the engine and once back through the second's history).
+  If the drift or diffusion reads another tensor requiring grad (a context held in a tuple or a
+  closure), the engine could not give it a gradient, so the call stays native and this is said once.
 * Without a gradient (``torch.no_grad()``), ``sdeint`` runs torchsde's solver: the forward is the same.
 
 ``wrap``'s ``method``/``rtol``/``atol``/``eval_tol``/``per_sample_error`` are ODE settings: torchsde

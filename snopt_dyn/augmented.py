@@ -58,7 +58,9 @@ class AugmentedDynamics:
             f = self.field(s, z)
             inputs = (z, s) + self.params
             if f.requires_grad:
-                vjps = torch.autograd.grad(f, inputs, -aug[n:2 * n], allow_unused=True)
+                # retain_graph, as torchdiffeq: a field may read a tensor with a history (a context
+                # ``self.ctx = self.encoder(x)``) that every evaluation differentiates through again
+                vjps = torch.autograd.grad(f, inputs, -aug[n:2 * n], allow_unused=True, retain_graph=True)
             else:
                 vjps = (None,) * len(inputs)
         out = [f.detach().to(dtype)]

@@ -13,68 +13,18 @@ from torch import nn
 
 torchsde = pytest.importorskip("torchsde")
 
-from sde_helpers import engine_used
+from sde_helpers import CONTEXT, DATA, DT, LATENT, TS, LatentSDE, engine_used, latent_bm, latent_data
 import snopt_dyn  # noqa: E402
 
-B, DATA, LATENT, CONTEXT, HIDDEN = 5, 2, 3, 4, 8
-TS = torch.linspace(0, 1, 5, dtype=torch.float64)  # 0.25 apart: on a dt = 1/16 grid exactly
-DT = 1 / 16
-
-
-class LatentSDE(nn.Module):
-    """torchsde's latent-SDE example in miniature: a GRU context, posterior drift ``f`` reading the
-    context, prior drift ``h``, a diagonal diffusion of per-channel networks, ``logqp=True``."""
-
-    noise_type = "diagonal"
-
-    def __init__(self, sde_type="ito"):
-        super().__init__()
-        self.sde_type = sde_type
-        self.encoder = nn.GRU(DATA, CONTEXT)
-        self.qz0_net = nn.Linear(CONTEXT, 2 * LATENT)
-        self.f_net = nn.Sequential(nn.Linear(LATENT + CONTEXT, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, LATENT))
-        self.h_net = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, LATENT))
-        self.g_nets = nn.ModuleList([nn.Sequential(nn.Linear(1, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, 1),
-                                                   nn.Sigmoid()) for _ in range(LATENT)])
-        self.projector = nn.Linear(LATENT, DATA)
-        self._ctx = None
-
-    def f(self, t, y):
-        ts, ctx = self._ctx
-        i = min(int(torch.searchsorted(ts, t, right=True)), len(ts) - 1)
-        return self.f_net(torch.cat((y, ctx[i]), dim=1))
-
-    def h(self, t, y):
-        return self.h_net(y)
-
-    def g(self, t, y):
-        return torch.cat([net(y_i) for net, y_i in zip(self.g_nets, torch.split(y, 1, dim=1))], dim=1)
-
-    def forward(self, xs, eps, bm, adjoint=True, method="euler", **kwargs):
-        ctx = torch.flip(self.encoder(torch.flip(xs, dims=(0,)))[0], dims=(0,))
-        self._ctx = (TS, ctx)
-        mean, logstd = self.qz0_net(ctx[0]).chunk(2, dim=1)
-        z0 = mean + logstd.exp() * eps
-        if adjoint:
-            params = (ctx,) + tuple(self.f_net.parameters()) + tuple(self.g_nets.parameters()) + \
-                tuple(self.h_net.parameters())
-            zs, log_ratio = torchsde.sdeint_adjoint(self, z0, TS, bm=bm, dt=DT, logqp=True, method=method,
-                                                    adjoint_params=params, **kwargs)
-        else:
-            zs, log_ratio = torchsde.sdeint(self, z0, TS, bm=bm, dt=DT, logqp=True, method=method, **kwargs)
-        log_pxs = torch.distributions.Normal(self.projector(zs), 0.1).log_prob(xs).sum(dim=(0, 2)).mean()
-        return -log_pxs + log_ratio.sum(dim=0).mean() + 0.5 * (mean ** 2).sum(dim=1).mean()
+B = 5
 
 
 def _data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(len(TS), B, DATA, generator=g, dtype=torch.float64)
-    eps = torch.randn(B, LATENT, generator=g, dtype=torch.float64)
-    return xs, eps
+    return latent_data(B, seed)
 
 
 def _bm(m=LATENT + 1, entropy=11):
-    return torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(B, m), dtype=torch.float64, entropy=entropy)
+    return latent_bm(B, m, entropy)
 
 
 def _loss_and_grads(model, native: bool, **kwargs):
@@ -177,6 +127,43 @@ def test_plain_sdeint_reading_an_unlisted_tensor_stays_native():
     assert not engine_used(ys.sum())
     ys.sum().backward()
     assert w.grad is not None
+
+
+def test_plain_sdeint_with_a_context_attribute_counts_its_gradient_once():
+    """A drift reading a tensor attribute made from the module's own parameters (``self.ctx =
+    self.enc(x)``; torchcde's interpolation holds ``_derivs`` made from ``_coeffs`` likewise): the routed
+    plain ``sdeint`` gives the encoder back-propagation's gradient, not twice its part through the
+    context (the engine differentiates the parameters, the context's history carries it once)."""
+    class WithContext(nn.Module):
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(DATA, LATENT)
+            self.net = nn.Linear(LATENT, LATENT)
+
+        def f(self, t, y):
+            return torch.tanh(self.net(y)) + self.ctx
+
+        def g(self, t, y):
+            return 0.3 * torch.sigmoid(y)
+
+        def forward(self, x, y0):
+            self.ctx = self.enc(x)
+            return torchsde.sdeint(self, y0, TS, bm=_bm(LATENT), dt=DT, method="reversible_heun")
+
+    torch.manual_seed(7)
+    sde = snopt_dyn.wrap(WithContext().double())
+    x, y0 = torch.randn(B, DATA, dtype=torch.float64), torch.randn(B, LATENT, dtype=torch.float64)
+    with snopt_dyn.no_interception():
+        sde(x, y0)[-1].square().sum().backward()
+    native = [p.grad.clone() for p in sde.parameters()]
+    sde.zero_grad()
+    loss = sde(x, y0)[-1].square().sum()
+    assert engine_used(loss)
+    loss.backward()
+    for p, g in zip(sde.parameters(), native):
+        assert (p.grad - g).norm() <= 1e-8 * g.norm(), ((p.grad - g).norm() / g.norm()).item()
 
 
 def test_unwrapped_sde_runs_natively():

@@ -18,6 +18,7 @@ torchsde = pytest.importorskip("torchsde")
 import snopt_dyn  # noqa: E402
 from snopt_dyn import hooks  # noqa: E402
 from snopt_dyn.preconditioner import ITO_DIFFUSION  # noqa: E402
+from sde_helpers import LatentSDE, latent_bm, latent_data  # noqa: E402
 
 B, D, M = 6, 3, 2
 F64 = torch.float64
@@ -318,72 +319,22 @@ def test_batch_permutation_and_sum_vs_mean(moment):
 
 
 # ------------------------------------------------------------------------------ latent SDE, wrapped
-LATENT, CONTEXT, DATA, HIDDEN = 3, 4, 2, 8
-TS = torch.linspace(0, 1, 5, dtype=F64)
-
-
-class LatentSDE(nn.Module):
-    """torchsde's latent-SDE example in miniature (GRU context read by the posterior drift, prior drift
-    ``h``, per-channel diagonal diffusion nets, ``logqp=True``, the ELBO as the loss)."""
-
-    noise_type = "diagonal"
-
-    def __init__(self, sde_type):
-        super().__init__()
-        self.sde_type = sde_type
-        self.encoder = nn.GRU(DATA, CONTEXT)
-        self.qz0_net = nn.Linear(CONTEXT, 2 * LATENT)
-        self.f_net = nn.Sequential(nn.Linear(LATENT + CONTEXT, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, LATENT))
-        self.h_net = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, LATENT))
-        self.g_nets = nn.ModuleList([nn.Sequential(nn.Linear(1, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, 1),
-                                                   nn.Sigmoid()) for _ in range(LATENT)])
-        self.projector = nn.Linear(LATENT, DATA)
-        self._ctx = None
-
-    def f(self, t, y):
-        ts, ctx = self._ctx
-        i = min(int(torch.searchsorted(ts, t, right=True)), len(ts) - 1)
-        return self.f_net(torch.cat((y, ctx[i]), dim=1))
-
-    def h(self, t, y):
-        return self.h_net(y)
-
-    def g(self, t, y):
-        return torch.cat([net(y_i) for net, y_i in zip(self.g_nets, torch.split(y, 1, dim=1))], dim=1)
-
-    def forward(self, xs, eps, bm, adjoint=True, method="euler"):
-        ctx = torch.flip(self.encoder(torch.flip(xs, dims=(0,)))[0], dims=(0,))
-        self._ctx = (TS, ctx)
-        self.ctx = ctx
-        mean, logstd = self.qz0_net(ctx[0]).chunk(2, dim=1)
-        z0 = mean + logstd.exp() * eps
-        if adjoint:
-            params = (ctx,) + tuple(self.f_net.parameters()) + tuple(self.g_nets.parameters()) + \
-                tuple(self.h_net.parameters())
-            zs, log_ratio = torchsde.sdeint_adjoint(self, z0, TS, bm=bm, dt=1 / 16, logqp=True, method=method,
-                                                    adjoint_params=params)
-        else:
-            zs, log_ratio = torchsde.sdeint(self, z0, TS, bm=bm, dt=1 / 16, logqp=True, method=method)
-        log_pxs = torch.distributions.Normal(self.projector(zs), 0.1).log_prob(xs).sum(dim=(0, 2)).mean()
-        return -log_pxs + log_ratio.sum(dim=0).mean() + 0.5 * (mean ** 2).sum(dim=1).mean()
-
-
 def _latent_data(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(len(TS), B, DATA, generator=g, dtype=F64), torch.randn(B, LATENT, generator=g, dtype=F64)
+    return latent_data(B, seed)
 
 
 def _latent_bm(entropy=11):
-    return torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(B, LATENT + 1), dtype=F64, entropy=entropy)
+    return latent_bm(B, entropy=entropy)
 
 
 def _latent_step(model, precond, **kwargs):
     model.zero_grad()
     xs, eps = _latent_data()
     loss = model(xs, eps, _latent_bm(), **kwargs)
-    model.ctx.retain_grad()
+    ctx = model._ctx[1]  # the context tensor, passed in adjoint_params
+    ctx.retain_grad()
     loss.backward()
-    return loss.detach(), model.ctx.grad.clone(), [p.grad.clone() for p in model.parameters()]
+    return loss.detach(), ctx.grad.clone(), [p.grad.clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("sde_type", ["stratonovich", "ito"])
