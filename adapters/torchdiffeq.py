@@ -34,7 +34,7 @@ import functools
 import inspect
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..discovery import all_namespaces
 from ..interception import ROUTE, Route, WrapOptions, reroute, reroute_attributes, restore_originals, route_of
 from ..terminal_time import rescale_to_horizon, terminal_time_leaf
+from .module_tensors import module_tensors
 
 #: torchdiffeq's own functions, read from its implementation modules (which are never patched);
 #: kept only in this dict, so that no module of ours has a global bound to them
@@ -174,65 +175,13 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     return _engine_odeint_adjoint(func, y0, _horizon(t, y0, route), backend="torchdiffeq", **kwargs)
 
 
-def _module_tensors(func: nn.Module) -> Tuple[Tensor, ...]:
-    """Parameters, buffers and tensor attributes of ``func`` (and its submodules) requiring grad,
-    less those computed from others of them (:func:`_independent`): what the engine differentiates."""
-    found: List[Tensor] = []
-    seen = set()
-
-    def add(x: Any) -> None:
-        if isinstance(x, Tensor) and x.requires_grad and id(x) not in seen:
-            seen.add(id(x))
-            found.append(x)
-
-    for p in func.parameters():
-        add(p)
-    for b in func.buffers():
-        add(b)
-    for m in func.modules():
-        for v in vars(m).values():
-            add(v)
-    return _independent(found)
-
-
-def _independent(tensors) -> tuple:
-    """``tensors`` less those whose autograd history reaches another of them.  The engine gives each
-    tensor it differentiates the whole gradient through the field(s), history included;
-    a tensor listed with one it was computed from (``self.ctx = self.encoder(x)`` next to the
-    encoder's parameters) would pass that one's gradient twice, once from the engine and once back
-    through its own history.  Left out, its history is differentiated through the fields instead."""
-    leaves = {id(t) for t in tensors if t.grad_fn is None}
-    nodes = {t.grad_fn for t in tensors if t.grad_fn is not None}
-    return tuple(t for t in tensors if t.grad_fn is None or not _history_reaches(t.grad_fn, leaves, nodes))
-
-
-def _history_reaches(start, leaves, nodes) -> bool:
-    """Whether the graph above ``start`` (not ``start`` itself) has a node of ``nodes`` or a leaf in ``leaves``."""
-    stack = [nxt for nxt, _ in start.next_functions]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in nodes:
-            return True
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # AccumulateGrad: a leaf
-            if id(variable) in leaves:
-                return True
-            continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return False
-
-
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Stand-in for ``torchdiffeq.odeint``: the engine adjoint for a wrapped ``func`` (an ``nn.Module``)."""
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn)
     route = _engine_route(func)
     if route is None:
         return ORIGINALS["odeint"](func, y0, t, **kwargs)
-    kwargs = _engine_kwargs(route.options, dict(kwargs, adjoint_params=_module_tensors(func)), func)
+    kwargs = _engine_kwargs(route.options, dict(kwargs, adjoint_params=module_tensors(func)), func)
     return _engine_odeint_adjoint(func, y0, _horizon(t, y0, route), backend="torchdiffeq", **kwargs)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ from .. import hooks
 from ..discovery import all_namespaces
 from ..interception import Route, reroute, reroute_attributes, restore_originals, route_of
 from ..sde_adjoint import sdeint_adjoint as _engine_sdeint_adjoint
-from .torchdiffeq import _module_tensors
+from .module_tensors import module_tensors, reaches_unlisted
 
 #: torchsde's own functions, read from its implementation modules (which are never patched)
 ORIGINALS: Dict[str, Any] = {"sdeint": sys.modules["torchsde._core.sdeint"].sdeint,
@@ -105,7 +105,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     if not exact and backprop_mode(route) != "adjoint":
         _warn_once("native-sdeint", _native_message(method))
         return ORIGINALS["sdeint"](sde, y0, ts, **kwargs)
-    tensors = _module_tensors(sde)  # routed: sde is an nn.Module
+    tensors = module_tensors(sde)  # routed: sde is an nn.Module
     unlisted = _reads_unlisted_tensors(sde, y0, ts, names, logqp, tensors)
     if unlisted is not None:
         _warn_once("unlisted-" + unlisted, _unlisted_message(unlisted))
@@ -167,37 +167,9 @@ def _reads_unlisted_tensors(sde, y0, ts, names, logqp, tensors) -> Optional[str]
     with torch.enable_grad(), hooks.phase(hooks.SOLVE):
         for key, fn in found:
             out = fn(t0, y0.detach())
-            if _reaches_unlisted(out if isinstance(out, (tuple, list)) else (out,), tensors):
+            if reaches_unlisted(out if isinstance(out, (tuple, list)) else (out,), tensors):
                 return key.replace("_", " ")
     return None
-
-
-def _reaches_unlisted(outputs: Iterable, tensors) -> bool:
-    """Whether autograd's graph of ``outputs`` reaches a leaf requiring grad that is not in ``tensors``
-    (a listed tensor with a history of its own stops the walk: its gradient flows on by itself)."""
-    leaves = {id(t) for t in tensors if t.grad_fn is None}
-    stops = {t.grad_fn for t in tensors if t.grad_fn is not None}
-    stack: List[Any] = []
-    for out in outputs:
-        if isinstance(out, Tensor) and out.requires_grad:
-            if out.grad_fn is None:
-                if id(out) not in leaves:
-                    return True
-            else:
-                stack.append(out.grad_fn)
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stops:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # AccumulateGrad: a leaf
-            if id(variable) not in leaves:
-                return True
-            continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return False
 
 
 REPLACEMENTS = {"sdeint": sdeint, "sdeint_adjoint": sdeint_adjoint}
