@@ -160,8 +160,8 @@ class SNOpt(hooks.EngineObserver):
             in between refine the current basis by one power iteration + QR on the (averaged)
             factors (SOAP's cheap update, :mod:`snopt_dyn.curvature.warm_basis`).  Default 1: always.
         burn_in: ``K >= 1`` iterations that only gather factors before the first basis is built (no
-            preconditioned step: ``rule="adam"`` with ``moment="adam"`` runs plain Adam, the others
-            pass the raw gradient); from then on every basis is built *after* the update of the
+            step for the preconditioned layers: their ``.grad`` is zeroed, as in SOAP's first step
+            and kfac-jax's burn-in); from then on every basis is built *after* the update of the
             iteration that sampled it, so no update uses a basis containing its own batch (SOAP's
             order; :mod:`snopt_dyn.curvature.burn_in`).  Default 0: today's order.
         batch_size: the batch size of every solve, where the rule of
@@ -486,8 +486,10 @@ class SNOpt(hooks.EngineObserver):
         if rebuild and not deferred:
             self._rebuild(layers, entries)
         self._clear_stats()
-        updates = self._updates(layers, grads, damping, alpha)
-        self._set_grads(updates)
+        if burn_in.in_burn_in(self.steps, self.burn_in):
+            self._hold_still(layers, grads)
+        else:
+            self._set_grads(self._updates(layers, grads, damping, alpha))
         if rebuild and deferred:
             self._rebuild(layers, entries)
         self.steps += 1
@@ -515,8 +517,16 @@ class SNOpt(hooks.EngineObserver):
             updates.append((st, grad, new))
         return updates
 
+    @staticmethod
+    def _hold_still(layers: List[_LayerState], grads: dict) -> None:
+        """Burn-in: the preconditioned layers take no step (zero ``.grad``, no weight decay), as in
+        SOAP's first step and kfac-jax's burn-in; their gradients only enter the factors."""
+        for st in layers:
+            if grads[st.module] is not None:
+                st.kind.set_grad(st.module, torch.zeros_like(grads[st.module]))
+
     def _identity_adam(self) -> bool:
-        """Whether a layer without a basis (burn-in, no statistics) runs Adam in the identity basis."""
+        """Whether a layer without a basis (no statistics) runs Adam in the identity basis."""
         return self.rule == "adam" and self.moment == "adam"
 
     def _start_moments(self, st: _LayerState, grad: Tensor, dtype: torch.dtype) -> None:

@@ -34,7 +34,10 @@ class Field(nn.Module):
 
 
 class Model(nn.Module):
-    """A torchdiffeq model (``odeint_adjoint`` by module attribute): ``wrap`` routes it to the engine."""
+    """A torchdiffeq model (``odeint_adjoint`` by module attribute): ``wrap`` routes it to the engine.
+    On a fixed grid, so each rank's half and the whole batch solve on the same steps (an adaptive
+    solver picks its steps per batch, and the Adam rule's sign-like first step lifts that 1e-10
+    difference to ~1e-6 in near-zero rotated coordinates)."""
 
     def __init__(self):
         super().__init__()
@@ -42,7 +45,7 @@ class Model(nn.Module):
 
     def forward(self, x):
         z = torchdiffeq.odeint_adjoint(self.field, self.enc(x), torch.tensor([0.0, 1.0], dtype=x.dtype),
-                                       method="dopri5", rtol=1e-10, atol=1e-10)
+                                       method="rk4", options=dict(step_size=1 / 16))
         return self.head(z[-1])
 
 
@@ -127,4 +130,4 @@ def test_ddp_of_wrapped_model_on_two_ranks_matches_one_rank(tmp_path):
             assert got["layers"]["module.field.l1"]["role"] == "ode"
             for step, (gs, ws) in enumerate(zip(got["grads"], want)):
                 for g, w in zip(gs, ws):
-                    torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9, msg=f"{moment} step {step} rank {rank}")
+                    torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{moment} step {step} rank {rank}: {m}")

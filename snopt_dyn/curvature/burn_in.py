@@ -12,9 +12,12 @@ that only accumulate curvature before the first preconditioned step.  ``burn_in 
 both:
 
 * iterations ``0 .. K-1`` sample and accumulate the factors (an equal-weight mean over the K
-  batches, :mod:`.factor_average`); no basis exists yet, so they take no preconditioned step: the
-  Adam rule (``moment="adam"``) runs Adam in the identity basis (plain Adam; its moments are then
-  carried into the first basis), the other rules pass the raw gradient;
+  batches, :mod:`.factor_average`); no basis exists yet, so the preconditioned layers take no step
+  at all (their ``.grad`` is zeroed, no weight decay), as SOAP's first step and kfac-jax's burn-in
+  do.  An earlier version took a plain Adam step in the identity basis here: at the rates the
+  eigenbasis wants (3e-2 on the image task) that first sign-like step of size ``lr`` on every weight
+  made the field stiff (NFE per iteration doubled) and the loss stayed at ln 10 for 40 iterations
+  (BENCHMARKS.md §6, "burn-in");
 * the first basis is built at the end of iteration ``K-1``, *after* its update; later rebuilds
   come every ``update_freq`` iterations (``K-1+update_freq``, ...), again after that iteration's
   update, so the basis an update uses never contains the batch it preconditions.
