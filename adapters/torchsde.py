@@ -141,7 +141,16 @@ def _native_message(method) -> str:
             "then approximates back-propagation's to the step size)")
 
 
+#: what :func:`_reads_unlisted_tensors` returns when the SDE has no drift it can evaluate by name
+NO_DRIFT = "no drift"
+
+
 def _unlisted_message(where: str) -> str:
+    if where == NO_DRIFT:
+        return ("snopt_dyn.wrap: the SDE defines its drift only through a product form (g_prod / "
+                "f_and_g_prod), so the engine cannot check which tensors it reads and cannot promise their "
+                "gradients; this torchsde.sdeint call keeps torchsde's own solver. Fix: define f (or "
+                "f_and_g) on the SDE module, or call torchsde.sdeint_adjoint with adjoint_params=(...)")
     return (f"snopt_dyn.wrap: the SDE's {where} reads a tensor that requires grad but is neither a parameter, "
             "a buffer nor a tensor attribute of the SDE module (a context in a tuple, a closure), so the "
             "engine could not give it a gradient; this torchsde.sdeint call keeps torchsde's own solver. "
@@ -152,7 +161,7 @@ def _unlisted_message(where: str) -> str:
 def _reads_unlisted_tensors(sde, y0, ts, names, logqp, tensors) -> Optional[str]:
     """Evaluate the drift and diffusion once at ``ts[0]`` (phase SOLVE, detached state) and walk their
     graph: the name of the first function that reaches a tensor requiring grad other than ``tensors``
-    (or ``"drift"`` when the functions cannot be found by name), else ``None``."""
+    (:data:`NO_DRIFT` when no drift can be found by name), else ``None``."""
     if not isinstance(y0, Tensor) or y0.dim() != 2:
         return None  # the engine refuses it with torchsde's condition and a clear message
     names = names or {}
@@ -162,7 +171,7 @@ def _reads_unlisted_tensors(sde, y0, ts, names, logqp, tensors) -> Optional[str]
     found = [(key, getattr(sde, names.get(key, default), None)) for key, default in functions]
     found = [(key, fn) for key, fn in found if callable(fn)]
     if not any(key in ("drift", "drift_and_diffusion") for key, _ in found):
-        return "drift"  # only g_prod / f_and_g_prod forms: nothing to evaluate safely
+        return NO_DRIFT  # only g_prod / f_and_g_prod forms: nothing to evaluate safely
     t0 = torch.as_tensor(ts[0], dtype=y0.dtype, device=y0.device).detach()
     with torch.enable_grad(), hooks.phase(hooks.SOLVE):
         for key, fn in found:

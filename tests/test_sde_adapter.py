@@ -270,3 +270,27 @@ def test_torchcde_torchsde_backend_with_adjoint_runs_on_the_engine():
     assert torch.equal(out, native)
     for p, g in zip(model.parameters(), routed):
         assert torch.equal(p.grad, g)
+
+
+def test_plain_sdeint_of_a_product_form_sde_stays_native_and_says_why():
+    """An SDE with only ``f_and_g_prod`` (no ``f`` to evaluate), routed to the engine's adjoint by
+    ``sde_backprop="adjoint"``, cannot be checked for tensors it reads: the call keeps torchsde's
+    solver and the warning names the product form (it used to claim the drift reads a tensor)."""
+    class ProductOnly(nn.Module):
+        noise_type, sde_type = "general", "ito"
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(LATENT, LATENT)
+
+        def f_and_g_prod(self, t, y, v):
+            return self.net(y), 0.1 * v[:, :LATENT]
+
+    sde = snopt_dyn.wrap(ProductOnly().double(), sde_backprop="adjoint")
+    y0 = torch.randn(B, LATENT, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="product form") as caught:
+        ys = torchsde.sdeint(sde, y0, TS, bm=_bm(LATENT), dt=DT, method="euler")
+    assert not any("reads a tensor" in str(w.message) for w in caught)
+    assert not engine_used(ys.sum())
+    ys.sum().backward()
+    assert sde.net.weight.grad is not None
