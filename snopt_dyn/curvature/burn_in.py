@@ -17,7 +17,7 @@ both:
   do.  An earlier version took a plain Adam step in the identity basis here: at the rates the
   eigenbasis wants (3e-2 on the image task) that first sign-like step of size ``lr`` on every weight
   made the field stiff (NFE per iteration doubled) and the loss stayed at ln 10 for 40 iterations
-  (BENCHMARKS.md §6, "burn-in");
+  (BENCHMARKS.md §6, "Fifth round");
 * the first basis is built at the end of iteration ``K-1``, *after* its update; later rebuilds
   come every ``update_freq`` iterations (``K-1+update_freq``, ...), again after that iteration's
   update, so the basis an update uses never contains the batch it preconditions.

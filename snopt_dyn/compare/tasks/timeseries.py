@@ -85,6 +85,9 @@ def _build_cde(info) -> nn.Module:
 
 
 TUNING = (
+    "Fifth round (BENCHMARKS.md §6, 3 seeds): decoupled weight decay 0.1 on the Adam rule: JapaneseVowels 93.24% "
+    "vs 92.97%, BasicMotions 48.33% vs 45.00%, GunPoint 86.17% vs 85.00%, but ItalyPowerDemand 87.20% vs 91.38%: "
+    "not confirmed, left at 0; SOAP's update on SNOpt's basis 90.95% on JapaneseVowels: rejected. "
     "Fourth round (update rules, BENCHMARKS.md §6): SNOpt's rule is Adam in the time-sampled eigenbasis "
     "(rule=adam, power 1/2, bias correction, beta 0.9/0.999) at 1e-2 with the cosine schedule, chosen on "
     "JapaneseVowels and BasicMotions (3 seeds, 30 s): plateau 92.77% vs 94.32% for the paper's rule on "
