@@ -251,14 +251,15 @@ def test_snopt_is_the_default_with_the_main_jobs_settings_and_overridable(monkey
 
     monkeypatch.setattr(training.snopt_dyn, "SNOpt", Spy)
     est = NeuralCDEClassifier(**TINY).fit(X, y)
-    assert made[0] == {"damping": 0.05, "update_freq": 50, "sample_step": 1.0}
+    cde = {"damping": 0.05, "sample_step": 1.0, "rule": "adam", "power": 0.5, "update_freq": 20}
+    assert made[0] == cde
     assert made[-1] == est.n_steps_ == 4
     made.clear()
-    NeuralCDEClassifier(**dict(ONE, snopt_options={"damping": 0.1})).fit(X[:18], y[:18])
-    assert made[0] == {"damping": 0.1, "update_freq": 50, "sample_step": 1.0}
+    NeuralCDEClassifier(**dict(ONE, snopt_options={"damping": 0.1, "rule": "ekfac"})).fit(X[:18], y[:18])
+    assert made[0] == dict(cde, damping=0.1, rule="ekfac")
     made.clear()
     ODERNNClassifier(**ONE).fit(X[:18], y[:18])
-    assert made[0]["skip"] == (torch.nn.GRUCell,)
+    assert made[0] == {"damping": 0.05, "sample_step": 1.0, "update_freq": 50, "skip": (torch.nn.GRUCell,)}
     made.clear()
     for name in ("adam", "sgd"):
         other = NeuralCDEClassifier(**dict(ONE, optimizer=name)).fit(X[:18], y[:18])

@@ -1,11 +1,13 @@
-"""Estimator parity with the main job: the ODE-RNN's GRU cell on an Adam of its own, ``ODERNNRegressor``,
-and warm starts that continue the optimizer, SNOpt and the batch order.
+"""Estimator parity with the main job: each model's SNOpt settings and rates are its task's, the ODE-RNN's
+GRU cell on an Adam of its own, ``ODERNNRegressor``, and warm starts that continue the optimizer, SNOpt
+and the batch order.
 
 Tiny models (hidden 4, width 8) on 18 JapaneseVowels series cut to 10 steps keep every fit well under a
 second.
 """
 from __future__ import annotations
 
+import inspect
 import pickle
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("torchcde")
 
+import snopt_dyn  # noqa: E402
 import snopt_dyn.estimators  # noqa: E402
 from snopt_dyn import datasets, hooks  # noqa: E402
 from snopt_dyn.estimators import NeuralCDEClassifier, ODERNNClassifier, ODERNNRegressor, training  # noqa: E402
@@ -91,6 +94,35 @@ def test_a_warm_start_with_another_random_state_draws_a_new_batch_order(series):
 # ----------------------------------------------------------------------------- the GRU cell's Adam
 def _targets(cls, X, y):
     return y if cls is ODERNNClassifier else np.array([x[:, 0].mean() for x in X])
+
+
+@pytest.mark.parametrize("cls, task", [(NeuralCDEClassifier, "timeseries"), (ODERNNClassifier, "latent")])
+def test_each_model_takes_its_main_job_tasks_snopt_settings_and_rates(cls, task, made, series, monkeypatch):
+    """What the main job measured and chose is what a user of the estimators gets: SNOpt's keyword
+    arguments, with SNOpt's own defaults filled in (the task's, less the keys of its base optimizer
+    and schedule: the estimators run at a constant rate) and the learning rates ``lr=None`` picks."""
+    from snopt_dyn.compare import get_task
+    from snopt_dyn.compare.optimizers import BASE_KEYS
+
+    signature = inspect.signature(snopt_dyn.SNOpt.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+    kwargs = []
+    real = snopt_dyn.SNOpt
+
+    def spy(model, **kw):
+        kwargs.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(training.snopt_dyn, "SNOpt", spy)
+    spec = get_task(task)
+    X, y = series
+    for name in ("snopt", "adam", "sgd"):
+        cls(**dict(PARITY, optimizer=name, snopt_options=None, max_epochs=1)).fit(X, y)
+        optimizer = made[-1][0]
+        first = optimizer.optimizers[0] if isinstance(optimizer, training.CombinedOptimizer) else optimizer
+        assert first.param_groups[0]["lr"] == spec.lrs[name], name
+    chosen = {k: v for k, v in kwargs[0].items() if k != "skip"}
+    assert {**defaults, **chosen} == {**defaults, **{k: v for k, v in spec.snopt.items() if k not in BASE_KEYS}}
 
 
 @pytest.mark.parametrize("cls", [ODERNNClassifier, ODERNNRegressor])

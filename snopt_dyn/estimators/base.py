@@ -76,7 +76,7 @@ class SeriesEstimator(BaseEstimator):
     """Parameters and ``fit`` loop common to the Neural CDE and ODE-RNN estimators (see their docs)."""
 
     #: learning rate per optimizer when ``lr=None`` (subclasses: the main job's tuned values)
-    _default_lrs = {"snopt": 0.02, "adam": 3e-3, "sgd": 0.01}
+    _default_lrs: dict = {}
     #: SNOpt keyword arguments of this model, between the shared defaults and ``snopt_options``
     _snopt_defaults: dict = {}
     #: SNOpt's base optimizer for the parameters SNOpt does not precondition: ``"sgd"`` (the base SGD,

@@ -14,11 +14,15 @@ PARAMETERS = """
     Parameters (stored by the constructor, used by ``fit``):
         hidden: size of the hidden state z.
         width: hidden width of the vector field's MLP (None: 64 for the Neural CDE, 32 for the ODE-RNN).
-        optimizer: ``"snopt"`` (SNOpt preconditioning plain SGD, the paper's setting), ``"adam"`` or
-            ``"sgd"`` (momentum 0.9).
-        lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value.
+        optimizer: ``"snopt"`` (SNOpt, whose preconditioned update the base SGD applies), ``"adam"``
+            or ``"sgd"`` (momentum 0.9).
+        lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value
+            (constant: the estimators have no schedule).
         snopt_options: keyword arguments for :class:`snopt_dyn.SNOpt`, over the defaults
-            ``damping=0.05, update_freq=50, sample_step=1.0``; and, as in the main job, ``rest``
+            ``damping=0.05, sample_step=1.0`` and the model's: the Neural CDE takes the main job's
+            ``timeseries`` settings (``rule="adam", power=0.5, update_freq=20``: Adam in the
+            eigenbasis, at ``lr=1e-2``), the ODE-RNN its ``latent`` settings (the paper's rule,
+            ``update_freq=50``, at ``lr=0.03``); and, as in the main job, ``rest``
             (``"sgd"`` or ``"adam"``: an Adam of their own for the parameters SNOpt does not
             precondition) and ``rest_lr`` (its rate).
         batch_size, max_epochs: minibatch size and the most epochs.
@@ -53,7 +57,13 @@ PARAMETERS = """
 
 
 class _CDE:
-    """Inputs and model of the Neural CDE estimators."""
+    """Inputs, model and optimizer settings of the Neural CDE estimators."""
+
+    #: the main job's timeseries-task learning rates (SNOpt's: the base SGD's under the Adam rule)
+    _default_lrs = {"snopt": 1e-2, "adam": 3e-3, "sgd": 0.01}
+    #: the timeseries task's rule: Adam in the eigenbasis, not the paper's rule, which is not
+    #: scale-free and lost by 12-18 points on data sets it was not tuned on (BENCHMARKS.md §6, "Estimators")
+    _snopt_defaults = {"rule": "adam", "power": 0.5, "update_freq": 20}
 
     def _encode(self, data, scaling: preprocessing.Scaling) -> Tensor:
         return preprocessing.cde_coefficients(data, scaling)

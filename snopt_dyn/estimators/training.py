@@ -1,7 +1,8 @@
 """The shared training loop: optimizer (SNOpt on SGD by default), early stopping, time budget, progress.
 
-The SNOpt settings are the main job's time-series task's (``damping=0.05, update_freq=50,
-sample_step=1.0`` on plain SGD); ``snopt_options`` overrides them key by key.  As in the main job,
+SNOpt's settings are the main job's (``damping=0.05, sample_step=1.0``, then each model's own: the
+Neural CDE's are the ``timeseries`` task's, the ODE-RNN's the ``latent`` task's), applied by plain
+SGD at a constant rate; ``snopt_options`` overrides them key by key.  As in the main job,
 the parameters SNOpt does not precondition (:meth:`snopt_dyn.SNOpt.unpreconditioned_parameters`: a
 GRU cell, norms) stay on the base SGD (``rest="sgd"``, the paper's setting) or get an Adam of their
 own (``rest="adam"`` at ``rest_lr``), stepped with the SGD as one :class:`CombinedOptimizer`.
@@ -29,8 +30,8 @@ __all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "RESTS", "Budget", "History", "Combin
 
 #: optimizer names the estimators accept
 OPTIMIZERS = ("snopt", "adam", "sgd")
-#: SNOpt's keyword arguments unless ``snopt_options`` says otherwise
-SNOPT_DEFAULTS = dict(damping=0.05, update_freq=50, sample_step=1.0)
+#: SNOpt's keyword arguments shared by every model (each model adds its own, see ``make_optimizer``)
+SNOPT_DEFAULTS = dict(damping=0.05, sample_step=1.0)
 #: what SNOpt's base optimizer does with the parameters SNOpt does not precondition (the main job's
 #: ``rest``): ``"sgd"`` keeps them on the base SGD, ``"adam"`` gives them an Adam of their own
 RESTS = ("sgd", "adam")
@@ -79,7 +80,7 @@ def _check_rest(rest, rest_lr) -> None:
 
 def make_optimizer(name: str, model: nn.Module, lr: float, snopt_options: Optional[dict],
                    model_defaults: Optional[dict] = None, rest: str = "sgd", rest_lr: Optional[float] = None):
-    """``(optimizer, SNOpt or None)``: SNOpt preconditions plain SGD (the paper's setting);
+    """``(optimizer, SNOpt or None)``: SNOpt's update, applied by plain SGD;
     ``"sgd"`` is SGD with momentum 0.9.  SNOpt gets :data:`SNOPT_DEFAULTS`, then the model's own
     defaults (``model_defaults``), then ``snopt_options``.  ``rest``/``rest_lr`` (overridden by the
     same keys of ``snopt_options``): with ``"adam"`` the parameters SNOpt does not precondition get
