@@ -28,7 +28,10 @@ from snopt_dyn.estimators import NeuralCDEClassifier
 CONFIGS = {
     "paper": dict(optimizer="snopt", lr=0.02, snopt_options={"rule": "ekfac", "update_freq": 50}),
     "adam-rule": dict(optimizer="snopt", lr=1e-2, snopt_options={"rule": "adam", "power": 0.5, "update_freq": 20}),
+    "adam-rule-cosine": dict(optimizer="snopt", lr=1e-2, schedule="cosine",
+                             snopt_options={"rule": "adam", "power": 0.5, "update_freq": 20}),
     "adam": dict(optimizer="adam", lr=3e-3),
+    "adam-cosine": dict(optimizer="adam", lr=3e-3, schedule="cosine"),
 }
 
 

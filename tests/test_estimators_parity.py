@@ -81,6 +81,44 @@ def test_warm_start_k_plus_k_epochs_equals_one_fit_of_2k(cls, series):
                    for o in hooks.observers())
 
 
+@pytest.mark.parametrize("cls", [ODERNNClassifier, NeuralCDEClassifier])
+def test_the_cosine_schedule_scales_every_rate_by_the_budget_spent(cls, series, monkeypatch):
+    """``schedule="cosine"``: at step k of K = max_epochs x steps per epoch every parameter group (the
+    base SGD's and the GRU cell's Adam alike) runs at its rate x ``warmup_cosine(k / K)``; ``max_time``
+    counts when it runs out first; ``"constant"`` leaves the rates alone."""
+    from snopt_dyn.schedules import warmup_cosine
+
+    seen = []
+    real = training.make_optimizer
+
+    def spy(*args, **kwargs):
+        optimizer, precond = real(*args, **kwargs)
+        step = optimizer.step
+
+        def recorded():
+            seen.append([g["lr"] for g in optimizer.param_groups])
+            step()
+
+        optimizer.step = recorded
+        return optimizer, precond
+
+    monkeypatch.setattr(training, "make_optimizer", spy)
+    X, y = series
+    base = [cls._default_lrs["snopt"]] + ([cls._default_lrs["adam"]] if cls is ODERNNClassifier else [])
+    cls(**dict(PARITY, max_epochs=2, schedule="cosine")).fit(X, y)  # 3 steps per epoch
+    assert len(seen) == 6
+    for k, rates in enumerate(seen):
+        assert rates == pytest.approx([lr * warmup_cosine(k / 6) for lr in base], rel=1e-12), k
+    seen.clear()
+    cls(**dict(PARITY, max_epochs=2)).fit(X, y)
+    assert seen == [base] * 6
+    seen.clear()
+    cls(**dict(PARITY, max_epochs=1000, max_time=1e-9, schedule="cosine")).fit(X, y)  # out of time at once
+    assert seen == [[lr * warmup_cosine(1.0) for lr in base]] and warmup_cosine(1.0) == 0.0
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        cls(**dict(PARITY, schedule="linear")).fit(X, y)
+
+
 def test_a_warm_start_with_another_random_state_draws_a_new_batch_order(series):
     """The batch order continues only when ``random_state`` is the same int as before; another seed
     reseeds it (the optimizer and SNOpt state are kept either way)."""

@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from snopt_dyn.schedules import SCHEDULES, warmup_cosine
+
 #: Optimizers ``compare`` knows; ``snopt`` is SNOpt preconditioning plain SGD (as in the paper).
 OPTIMIZER_NAMES = ("snopt", "adam", "sgd", "sgd-plain", "adamw-cosine", "muon", "soap")
 #: Everything SNOpt is compared against (the verdict's "best baseline" is the best of these in a run).
@@ -33,7 +35,6 @@ OPTIMIZER_HELP = {
     "muon": "torch.optim.Muon on hidden 2-D weights, AdamW (lr/10) on the rest",
     "soap": "SOAP (pytorch-optimizer), Shampoo-family preconditioner",
 }
-WARMUP = 0.05
 
 
 def parse_optimizer(spec: str):
@@ -137,7 +138,6 @@ def _soap(params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 #: warm-up and decay), ``momentum`` of the base SGD, ``rest`` (``sgd``, or ``adam`` for the layers
 #: SNOpt does not precondition, at ``rest_lr``, default the task's Adam rate).
 BASE_KEYS = ("schedule", "momentum", "rest", "rest_lr")
-SCHEDULES = ("constant", "cosine")
 RESTS = ("sgd", "adam")
 
 
@@ -219,13 +219,6 @@ def lr_multiplier(name: str, schedule: str = "constant") -> Optional[Callable[[f
     ``adamw-cosine``, and any run with ``schedule="cosine"``, warm up linearly and decay by a cosine."""
     if name != "adamw-cosine" and schedule != "cosine":
         return None
-
-    def warmup_cosine(progress: float) -> float:
-        progress = min(max(progress, 0.0), 1.0)
-        if progress < WARMUP:
-            return (progress + 1e-3) / WARMUP
-        return 0.5 * (1 + math.cos(math.pi * (progress - WARMUP) / (1 - WARMUP)))
-
     return warmup_cosine
 
 

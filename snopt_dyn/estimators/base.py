@@ -85,13 +85,14 @@ class SeriesEstimator(BaseEstimator):
     _snopt_rest: str = "sgd"
 
     def __init__(self, *, hidden: int = 32, width: Optional[int] = None, optimizer: str = "snopt", lr: Optional[float] = None,
-                 snopt_options: Optional[dict] = None, batch_size: int = 32, max_epochs: int = 100,
+                 snopt_options: Optional[dict] = None, schedule: str = "constant", batch_size: int = 32,
+                 max_epochs: int = 100,
                  max_time: Optional[float] = None, early_stopping: bool = True, validation_fraction: float = 0.1,
                  n_iter_no_change: int = 10, tol: float = 1e-4, rtol: float = 1e-3, atol: float = 1e-3,
                  predict_tol: Optional[float] = 1e-5,
                  warm_start: bool = False, random_state=None, device="cpu", verbose: int = 1):
         self.hidden, self.width = hidden, width
-        self.optimizer, self.lr, self.snopt_options = optimizer, lr, snopt_options
+        self.optimizer, self.lr, self.snopt_options, self.schedule = optimizer, lr, snopt_options, schedule
         self.batch_size, self.max_epochs, self.max_time = batch_size, max_epochs, max_time
         self.early_stopping, self.validation_fraction = early_stopping, validation_fraction
         self.n_iter_no_change, self.tol = n_iter_no_change, tol
@@ -112,6 +113,8 @@ class SeriesEstimator(BaseEstimator):
     def _check_params(self) -> None:
         if self.optimizer not in training.OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {training.OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in training.SCHEDULES:
+            raise ValueError(f"schedule must be one of {training.SCHEDULES}, got {self.schedule!r}")
         for name in ("hidden", "width", "batch_size", "max_epochs", "n_iter_no_change"):
             value = getattr(self, name)
             if name == "width" and value is None:
@@ -193,7 +196,7 @@ class SeriesEstimator(BaseEstimator):
                 precond.remove()  # train() removes it otherwise; the model must not keep its hooks
             raise
         history = training.train(model, batch_loss, data, validation, optimizer, precond, self.batch_size, budget,
-                                 generator, verbose=int(self.verbose))
+                                 generator, verbose=int(self.verbose), schedule=self.schedule)
         keep = training.save_state(self.optimizer, optimizer, precond, seed, generator) if self.warm_start else None
         return history, keep
 

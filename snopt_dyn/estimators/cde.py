@@ -16,8 +16,11 @@ PARAMETERS = """
         width: hidden width of the vector field's MLP (None: 64 for the Neural CDE, 32 for the ODE-RNN).
         optimizer: ``"snopt"`` (SNOpt, whose preconditioned update the base SGD applies), ``"adam"``
             or ``"sgd"`` (momentum 0.9).
-        lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value
-            (constant: the estimators have no schedule).
+        lr: learning rate (for ``"snopt"``: the base SGD's); None: the main job's tuned value.
+        schedule: ``"constant"``, or ``"cosine"``: every rate warms up linearly over the first 5 % of
+            the budget, then decays to 0 by a cosine (:func:`snopt_dyn.schedules.warmup_cosine`); the
+            budget is ``max_epochs`` or ``max_time``, whichever runs out first.  A warm-started ``fit``
+            runs the schedule anew over its own budget.
         snopt_options: keyword arguments for :class:`snopt_dyn.SNOpt`, over the defaults
             ``damping=0.05, sample_step=1.0`` and the model's: the Neural CDE takes the main job's
             ``timeseries`` settings (``rule="adam", power=0.5, update_freq=20``: Adam in the

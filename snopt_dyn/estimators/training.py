@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 import snopt_dyn
+from snopt_dyn.schedules import SCHEDULES, warmup_cosine
 
-__all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "RESTS", "Budget", "History", "CombinedOptimizer", "make_optimizer",
+__all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "RESTS", "SCHEDULES", "Budget", "History", "CombinedOptimizer", "make_optimizer",
            "save_state", "resume", "validation_split", "train"]
 
 #: optimizer names the estimators accept
@@ -177,6 +178,27 @@ class Budget:
     n_iter_no_change: int
     tol: float
 
+    def spent(self, steps: int, steps_per_epoch: int, seconds: float) -> float:
+        """The fraction of the budget spent: of ``max_epochs`` or of ``max_time``, whichever runs out
+        first (early stopping is not foreseen: it ends a fit wherever the schedule stands)."""
+        fraction = steps / (self.max_epochs * steps_per_epoch)
+        return max(fraction, seconds / self.max_time) if self.max_time is not None else fraction
+
+
+class _Schedule:
+    """Scales every parameter group's rate, as set when training starts, by ``warmup_cosine`` of the
+    budget spent (``"cosine"``), or leaves it alone (``"constant"``)."""
+
+    def __init__(self, name: str, optimizer, budget: Budget, steps_per_epoch: int):
+        self.on, self.budget, self.steps_per_epoch = name == "cosine", budget, steps_per_epoch
+        self.groups = [(g, g["lr"]) for g in optimizer.param_groups]
+
+    def apply(self, steps: int, seconds: float) -> None:
+        if self.on:
+            multiplier = warmup_cosine(self.budget.spent(steps, self.steps_per_epoch, seconds))
+            for group, lr in self.groups:
+                group["lr"] = lr * multiplier
+
 
 @dataclass
 class History:
@@ -250,10 +272,12 @@ def _step(model, batch_loss, optimizer, precond, xb, yb) -> float:
 
 def train(model: nn.Module, batch_loss: BatchLoss, data: Tuple[Tensor, Tensor],
           validation: Optional[Tuple[Tensor, Tensor]], optimizer, precond, batch_size: int, budget: Budget,
-          generator: torch.Generator, verbose: int = 0) -> History:
-    """Minibatch training until the budget ends; restores the weights of the best validation loss."""
+          generator: torch.Generator, verbose: int = 0, schedule: str = "constant") -> History:
+    """Minibatch training until the budget ends, the rates following ``schedule`` over it; restores
+    the weights of the best validation loss."""
     x, y = data
     history, stopper = History(), _Stopper(model, budget)
+    rates = _Schedule(schedule, optimizer, budget, math.ceil(len(y) / batch_size))
     bar, start = _progress(verbose, budget.max_epochs), time.perf_counter()
     model.train()
     try:
@@ -263,6 +287,7 @@ def train(model: nn.Module, batch_loss: BatchLoss, data: Tuple[Tensor, Tensor],
             out_of_time = False
             for i in range(0, len(y), batch_size):
                 idx = order[i:i + batch_size]
+                rates.apply(history.n_steps, time.perf_counter() - start)
                 losses["sum"] += _step(model, batch_loss, optimizer, precond, x[idx], y[idx]) * len(idx)
                 losses["n"] += len(idx)
                 history.n_steps += 1
