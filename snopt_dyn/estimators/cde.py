@@ -65,7 +65,7 @@ class _CDE:
     #: the main job's timeseries-task learning rates (SNOpt's: the base SGD's under the Adam rule)
     _default_lrs = {"snopt": 1e-2, "adam": 3e-3, "sgd": 0.01}
     #: the timeseries task's rule: Adam in the eigenbasis, not the paper's rule, which is not
-    #: scale-free and lost by 12-18 points on data sets it was not tuned on (BENCHMARKS.md §6, "Estimators")
+    #: scale-free and lost by 12-18 points on data sets it was not tuned on (BENCHMARKS.md §6, "The scikit-learn estimators")
     _snopt_defaults = {"rule": "adam", "power": 0.5, "update_freq": 20}
 
     def _encode(self, data, scaling: preprocessing.Scaling) -> Tensor:

@@ -2,7 +2,7 @@
 
 SNOpt's settings are the main job's (``damping=0.05, sample_step=1.0``, then each model's own: the
 Neural CDE's are the ``timeseries`` task's, the ODE-RNN's the ``latent`` task's), applied by plain
-SGD at a constant rate; ``snopt_options`` overrides them key by key.  As in the main job,
+SGD at a constant rate unless ``schedule="cosine"``; ``snopt_options`` overrides them key by key.  As in the main job,
 the parameters SNOpt does not precondition (:meth:`snopt_dyn.SNOpt.unpreconditioned_parameters`: a
 GRU cell, norms) stay on the base SGD (``rest="sgd"``, the paper's setting) or get an Adam of their
 own (``rest="adam"`` at ``rest_lr``), stepped with the SGD as one :class:`CombinedOptimizer`.
