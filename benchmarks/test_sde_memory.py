@@ -27,7 +27,8 @@ Measurement as in ``test_memory.py``: a **fresh subprocess** per point, one warm
 VmRSS(before)``, glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``).  The processes run one
 at a time (the machine is shared with other benchmarks).  The tensors stay on the CPU, CUDA or not.
 
-Asserted in every mode: engine peak ratio (10x more solver steps) <= 1.1, backprop's >= 3.
+Asserted in every mode: engine peak ratio (10x more solver steps) <= 1.1, backprop's >= 3.  The engine's
+points are medians of ``repeats`` processes; backprop's, whose growth is about 9x, are measured once.
 """
 from __future__ import annotations
 
@@ -138,8 +139,10 @@ def test_sde_memory_vs_solver_steps(benchmark, record):
     queries = {}
 
     def run_all():
-        for _ in range(repeats):
+        for repeat in range(repeats):
             for m, dt in peaks:
+                if repeat and m == "backprop":  # its growth (about x9) needs no median: one process each
+                    continue
                 peaks[(m, dt)].append(_measure(m, dt, size, queries))
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
@@ -148,7 +151,7 @@ def test_sde_memory_vs_solver_steps(benchmark, record):
     rows, channels, width = size
     lines = [f"one reversible_heun training step, Stratonovich diagonal SDE, state {rows}x{channels} float64, "
              f"MLP width {width}, dt {short:g} -> {long:g} ({round(1 / short)} -> {round(1 / long)} steps), extra peak "
-             f"RSS (median of {repeats} fresh process(es)): " +
+             f"RSS (median of {repeats} fresh processes; backprop: one): " +
              "; ".join(f"{m} {mb[f'{m}@{short:g}']:.1f} -> {mb[f'{m}@{long:g}']:.1f} MB (x{ratio[m]:.2f})"
                        for m in modes),
              f"engine ratio {ratio['engine']:.3f} (asserted <= 1.1); backprop ratio {ratio['backprop']:.2f}"]
