@@ -57,7 +57,7 @@ DEFAULT_RULE = "ekfac"
 RULE_MOMENTS = {"ekfac": (DEFAULT_MOMENT,) + tuple(m for m in ekfac.MOMENTS if m != DEFAULT_MOMENT),
                 "adam": eigen_adam.MOMENTS}
 #: Options only ``rule="adam"`` reads (given to another rule with a non-default value: ``ValueError``).
-ADAM_ONLY = ("beta1", "beta2", "eps", "power", "bias_correction")
+ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction")
 #: The role of a layer reaching the diffusion of an Itô SDE: left raw (see :mod:`snopt_dyn.curvature.sde_pairing`).
 ITO_DIFFUSION = "ito-diffusion"
 
@@ -141,6 +141,9 @@ class SNOpt(hooks.EngineObserver):
             [0, 1); default Adam's 0.9, 0.999 (SOAP uses 0.95, 0.95).  ``beta1=0``: no momentum.
         eps: ``rule="adam"``'s ε, > 0 (a number or a function of the step).  Default: 1e-8 with
             ``moment="adam"`` (Adam's), ``damping`` with ``moment="paper"``.
+        relative_eps: ``rule="adam"``'s scale-free ε: ``relative_eps · mean(v̂^power)`` of each layer
+            is added to the denominator, damping the eigen-directions that carry almost no gradient
+            (Adam's early steps are about ``±lr`` in every coordinate).  Default 0 (off).
         power: ``rule="adam"``'s power ``p`` of ``v̂`` in [1/2, 1] (1/2: Adam; 1: today's power).
         bias_correction: ``rule="adam"``'s bias correction of the moments that start at zero.
         weight_decay: decoupled weight decay for every rule
@@ -199,7 +202,7 @@ class SNOpt(hooks.EngineObserver):
                  raise_on_nonfinite: bool = False, kl_clip: Optional[float] = None,
                  lr: Optional[trust_region.LearningRate] = None, rule: str = DEFAULT_RULE,
                  beta1: float = 0.9, beta2: float = 0.999, eps: Optional[Schedule] = None, power: float = 0.5,
-                 bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
+                 relative_eps: float = 0.0, bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
                  eigh_every: int = 1, burn_in: int = 0, sde_noise: str = sde_pairing.SDE_NOISE[0]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
@@ -207,11 +210,12 @@ class SNOpt(hooks.EngineObserver):
         self.check_options(damping=damping, update_freq=update_freq, alpha=alpha, sample_step=sample_step,
                            num_samples=num_samples, loss_reduction=loss_reduction, moment=moment,
                            batch_size=batch_size, rule=rule, beta1=beta1, beta2=beta2, eps=eps, power=power,
-                           bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
+                           relative_eps=relative_eps, bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
                            eigh_every=eigh_every, burn_in=burn_in, sde_noise=sde_noise)
         trust_region.check(kl_clip, lr)
         self.rule, self.beta1, self.beta2, self.eps, self.power = rule, float(beta1), float(beta2), eps, float(power)
         self.bias_correction, self.weight_decay = bool(bias_correction), float(weight_decay)
+        self.relative_eps = float(relative_eps)
         self.factor_ema, self.eigh_every, self.burn_in = float(factor_ema), eigh_every, burn_in
         self.kl_clip, self.lr = kl_clip, lr
         self.last_clip: Optional[Tensor] = None  # ν of the last step (a tensor: reading it syncs)
@@ -278,6 +282,8 @@ class SNOpt(hooks.EngineObserver):
                 _number(name, get(name), open_low=False, high=1.0)
         if get("eps") is not None and not callable(get("eps")):
             _number("eps", get("eps"), open_low=True)
+        if "relative_eps" in options:
+            _number("relative_eps", get("relative_eps"), open_low=False)
         if "power" in options and not 0.5 <= _number("power", get("power"), open_low=True) <= 1:
             raise ValueError(f"SNOpt: power must be in [0.5, 1] (1/2: Adam, 1: today's rule), got {get('power')!r}")
         if "bias_correction" in options and not isinstance(get("bias_correction"), bool):
@@ -456,7 +462,7 @@ class SNOpt(hooks.EngineObserver):
             eps = damping if self.moment == "paper" else 1e-8
         return eigen_adam.Hyper(beta1=self.beta1, beta2=self.beta2, eps=_number("eps", eps, open_low=True),
                                 power=self.power, bias_correction=self.bias_correction, moment=self.moment,
-                                alpha=alpha)
+                                alpha=alpha, relative_eps=self.relative_eps)
 
     def _step(self) -> None:
         refresh = self.refreshing

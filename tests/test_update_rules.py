@@ -237,6 +237,7 @@ ADAM_CONFIGS = {
                                         burn_in=1, eigh_every=2),
     "adam-p075-ema-burnin": dict(rule="adam", power=0.75, eps=1e-6, beta1=0.95, beta2=0.95, factor_ema=0.9,
                                  burn_in=2),
+    "adam-relative-eps": dict(rule="adam", relative_eps=0.3),
 }
 
 
@@ -281,6 +282,7 @@ RESUME_CONFIGS = {
                             weight_decay=1e-3),
     "adam-paper": dict(rule="adam", moment="paper", power=1, beta1=0.5),
     "ekfac-ema-qr-wd": dict(factor_ema=0.7, eigh_every=2, weight_decay=1e-3, burn_in=1),
+    "adam-relative-eps": dict(rule="adam", relative_eps=0.3, power=0.75),
 }
 
 
@@ -434,6 +436,8 @@ def test_bad_options_are_refused():
     for kwargs, match in ((dict(rule="sgd"), "rule must be"), (dict(power=0.4, **adam), "power must be"),
                           (dict(power=1.5, **adam), "power must be"), (dict(beta1=1.0, **adam), "beta1 must be"),
                           (dict(beta2=-0.1, **adam), "beta2 must be"), (dict(eps=0, **adam), "eps must be"),
+                          (dict(relative_eps=-0.1, **adam), "relative_eps must be"),
+                          (dict(relative_eps=float("inf"), **adam), "relative_eps must be"),
                           (dict(weight_decay=-1), "weight_decay must be"),
                           (dict(factor_ema=1), "factor_ema must be"),
                           (dict(eigh_every=0), "eigh_every must be"), (dict(burn_in=-1), "burn_in must be"),
@@ -480,7 +484,44 @@ def test_adam_options_without_the_adam_rule_and_a_mismatched_state_are_refused()
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="power belong.*rule='adam'"):
         snopt_dyn.SNOpt(model, power=1)
+    with pytest.raises(ValueError, match="relative_eps belong.*rule='adam'"):
+        snopt_dyn.SNOpt(model, relative_eps=0.1)
     snopt_dyn.SNOpt(model, beta1=0.9, power=0.5).remove()  # defaults are fine
     state = snopt_dyn.SNOpt(model, rule="adam").state_dict()
     with pytest.raises(ValueError, match="rule='adam'"):
         snopt_dyn.SNOpt(model).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ 8. the scale-free ε
+def _first_updates(monkeypatch, scale, **kwargs):
+    """``.grad`` of ``l1.weight`` after SNOpt's first step on identity bases, for ``scale`` x the
+    loss, on data whose last input feature is 1e-6 x the others (its weights get almost no gradient)."""
+    monkeypatch.setattr(ekfac, "eigh", FakeEigh("identity"))
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = _batches(1)[0]
+    x = x * torch.tensor([1.0, 1.0, 1.0, 1e-6], dtype=DT)
+    precond = snopt_dyn.SNOpt(model, rule="adam", update_freq=1, **kwargs)
+    (scale * F.mse_loss(model(x), y)).backward()
+    precond.step()
+    return model.l1.weight.grad.clone()
+
+
+def test_relative_eps_damps_the_directions_without_gradient_and_stays_scale_free(monkeypatch):
+    """Adam's first step is ``±1`` per coordinate, also where the gradient is ~1e-6 of the rest (a
+    direction of input space the batch never visits).  ``relative_eps`` shrinks exactly those
+    coordinates, and, unlike an absolute ε that does the same at one loss scale, it gives the same
+    update for the loss and 1e6 x the loss."""
+    eps = 1e-30  # Adam's ε out of the way: the plain rule is scale-free too
+    plain = _first_updates(monkeypatch, 1.0, eps=eps)
+    damped = _first_updates(monkeypatch, 1.0, eps=eps, relative_eps=0.1)
+    strong, weak = slice(0, 3), 3  # l1.weight's columns: the three real input features, then the tiny one
+    torch.testing.assert_close(plain.abs(), torch.ones_like(plain), rtol=1e-9, atol=0)
+    assert damped[:, weak].abs().max() < 1e-4  # ~1e-6 / 0.1 of a step
+    assert damped[:, strong].abs().min() > 0.3  # the directions with gradient keep most of theirs (0.44-0.97 here)
+    torch.testing.assert_close(_first_updates(monkeypatch, 1e6, eps=eps, relative_eps=0.1), damped,
+                               rtol=1e-9, atol=0)
+    # an absolute ε tuned to damp the weak column at scale 1 loses it at scale 1e6
+    absolute = [_first_updates(monkeypatch, c, eps=1e-4) for c in (1.0, 1e6)]
+    assert absolute[0][:, strong].abs().min() > 0.5 and absolute[0][:, weak].abs().max() < 0.1
+    assert absolute[1][:, weak].abs().min() > 0.5

@@ -12,6 +12,10 @@ of the cost of infrequent eigendecompositions.  With ``P = U_Gᵀ g U_A`` the ro
     update = U_G (m̂ ⊘ (v̂^p + ε)) U_Aᵀ,  m̂ = m/(1-β1^t), v̂ = v/(1-β2^t)  (bias correction, per layer)
 
 * ``p`` (``power``) in [1/2, 1]: 1/2 is Adam's scale-free step; 1 keeps today's power.
+* ``relative_eps`` δ adds ``δ·mean(v̂^p)`` (per layer) to the denominator.  Adam's step is about
+  ``±lr`` in *every* coordinate early on, and in a Kronecker eigenbasis most coordinates carry almost
+  no gradient: directions of input space the batch never visits.  An absolute ε cannot tell them
+  apart without losing scale invariance; ``δ·mean`` damps them and stays scale-free.  Default 0.
 * ``moment="adam"``: ``v`` starts at 0 and is carried into every new basis (:mod:`.basis_change`),
   as SOAP does.  ``moment="paper"``: ``v`` is today's rule: reset at every rebuild to the Kronecker
   eigenvalues ``mult·s_G s_Aᵀ`` and updated with ``α`` and ``B·P̄⊙P̄`` (not bias-corrected: it does not
@@ -47,6 +51,7 @@ class Hyper:
     bias_correction: bool
     moment: str
     alpha: float
+    relative_eps: float = 0.0
 
 
 def rotate_in(grad: Tensor, u_g: Optional[Tensor], u_a: Optional[Tensor]) -> Tensor:
@@ -85,13 +90,12 @@ def debiased(m: Tensor, v: Tensor, hp: Hyper, t: int):
     return m, v
 
 
-def denominator(v: Tensor, power: float, eps: float) -> Tensor:
-    """``v^p + ε`` (p = 1 and 1/2 exactly as today's rule and Adam write them)."""
-    if power == 1:
-        return v + eps
-    if power == 0.5:
-        return v.sqrt() + eps
-    return v.pow(power) + eps
+def denominator(v: Tensor, power: float, eps: float, relative_eps: float = 0.0) -> Tensor:
+    """``v^p + ε (+ δ·mean(v^p))`` (p = 1 and 1/2 exactly as today's rule and Adam write them)."""
+    scaled = v if power == 1 else v.sqrt() if power == 0.5 else v.pow(power)
+    if relative_eps:
+        return scaled + (eps + relative_eps * scaled.mean())
+    return scaled + eps
 
 
 def precondition(grad: Tensor, u_g: Optional[Tensor], u_a: Optional[Tensor], m: Optional[Tensor], v: Tensor,
@@ -102,4 +106,4 @@ def precondition(grad: Tensor, u_g: Optional[Tensor], u_a: Optional[Tensor], m: 
     mean_proj = proj / mean_factor
     update_second(v, mean_proj, hp, batch)
     m_hat, v_hat = debiased(update_first(m, proj, hp.beta1), v, hp, t)
-    return rotate_out(m_hat / denominator(v_hat, hp.power, hp.eps), u_g, u_a)
+    return rotate_out(m_hat / denominator(v_hat, hp.power, hp.eps, hp.relative_eps), u_g, u_a)
