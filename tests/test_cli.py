@@ -311,6 +311,20 @@ def test_snopt_variants_for_ablations(tmp_path, capsys):
     assert runs["snopt"]["refreshes"] == 1 and runs["snopt[update_freq=2]"]["refreshes"] == 2
 
 
+def test_adam_only_options_are_checked_against_the_tasks_rule(capsys):
+    """``snopt[power=1]`` needs no ``rule=adam`` where the task's SNOpt already runs the Adam rule
+    (timeseries), and is refused, before any data is loaded, where it runs the paper's (image)."""
+    from snopt_dyn.compare.optimizers import parse_optimizer
+    for spec in ("snopt[power=1]", "snopt[relative_eps=0.3]@1e-2"):
+        parse_optimizer(spec)  # the command line's first check: the task is not known yet
+        parse_optimizer(spec, get_task("timeseries").snopt)
+        with pytest.raises(ValueError, match="belong.*rule='adam'"):
+            parse_optimizer(spec, get_task("image").snopt)
+    code, _, stderr = run_main(capsys, "compare", *TINY, "--task", "image", "--iters", "1",
+                               "--optimizers", "snopt[relative_eps=0.3]", "--quiet")
+    assert code == 2 and "relative_eps belong(s) to rule='adam'" in stderr and "add rule='adam'" in stderr
+
+
 def test_snopt_base_optimizer_options(tmp_path, capsys):
     """snopt[schedule=cosine;momentum=..;rest=adam;kl_clip=..]: the base optimizer's options are
     split from SNOpt's, checked, and reach the run (cosine schedule, momentum, an Adam for the rest)."""

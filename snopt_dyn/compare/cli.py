@@ -254,6 +254,8 @@ def _check_setup(args):
     import torch
     try:
         task = get_task(args.task, args.data)
+        for name in args.optimizers:  # the brackets again, on top of this task's SNOpt defaults
+            parse_optimizer(name, {**task.snopt, **_snopt_options(args)})
     except ValueError as exc:
         raise _Stop(str(exc), 2) from None
     try:

@@ -25,7 +25,7 @@ OPTIMIZER_HELP = {
     "snopt": "SNOpt preconditioner on SGD without momentum, with the task's update rule (the paper's, or "
              "rule=adam: Adam in the time-sampled eigenbasis, the timeseries default), at a constant rate or with "
              "AdamW-cosine's warm-up and cosine decay where the task's defaults say schedule=cosine; variants: "
-             "snopt[key=value;...]@LR with SNOpt's keyword arguments (rule=adam, power, beta1, beta2, eps, wd, "
+             "snopt[key=value;...]@LR with SNOpt's keyword arguments (rule=adam, power, beta1, beta2, eps, relative_eps, wd, "
              "factor_ema, eigh_every, burn_in, moment, damping, update_freq, ...) and schedule, momentum, rest, "
              "rest_lr",
     "adam": "torch.optim.Adam, constant learning rate",
@@ -37,18 +37,19 @@ OPTIMIZER_HELP = {
 }
 
 
-def parse_optimizer(spec: str):
+def parse_optimizer(spec: str, task_snopt: Optional[Dict[str, object]] = None):
     """``"adam"`` → ``("adam", None)``; ``"adam@1e-3"`` → ``("adam", 0.001)``; raises ``ValueError``.
 
     SNOpt variants for ablations, ``"snopt[moment=paper;update_freq=20]@0.02"``, parse to their kind
-    and learning rate here; :func:`snopt_overrides` reads the bracket.
+    and learning rate here; :func:`snopt_overrides` reads the bracket, checked on top of
+    ``task_snopt`` (the task's SNOpt defaults) as the run will use it (:func:`with_task_defaults`).
     """
     spec = spec.strip().lower()
     head, sep, lr = spec.rpartition("@") if "@" in spec.split("]")[-1] else (spec, "", "")
     kind = head.split("[", 1)[0]
     if kind not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
-    split_snopt_options(snopt_overrides(spec))  # checks the bracket and the base optimizer's options
+    split_snopt_options(with_task_defaults(snopt_overrides(spec), task_snopt))  # SNOpt's and the base's options
     if not sep:
         return kind, None
     try:
@@ -58,6 +59,19 @@ def parse_optimizer(spec: str):
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"learning rates must be positive, got {spec!r}")
     return kind, value
+
+
+def with_task_defaults(overrides: Dict[str, object], task_snopt: Optional[Dict[str, object]]) -> Dict[str, object]:
+    """The SNOpt options a run will get: ``overrides`` on top of the task's defaults.  Before the task
+    is known (the command line's first check) an Adam-only option without ``rule`` is checked as under
+    ``rule=adam``; the check with the task's rule follows once the task is known."""
+    from ..preconditioner import ADAM_ONLY
+
+    if task_snopt is not None:
+        return {**task_snopt, **overrides}
+    if "rule" not in overrides and any(k in ADAM_ONLY for k in overrides):
+        return {"rule": "adam", **overrides}
+    return overrides
 
 
 def _value(text: str):

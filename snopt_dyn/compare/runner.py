@@ -50,14 +50,14 @@ def compare(task: Task, optimizers: Sequence[str], *, budget: Optional[float] = 
         progress: show a tqdm bar on stderr.
     """
     budget, eval_points = _check_limits(task, budget, iters, eval_points)
-    specs = _check_optimizers(optimizers)
+    snopt_kwargs = {**task.snopt, **(snopt_options or {})}
+    specs = _check_optimizers(optimizers, snopt_kwargs)
     missing = [n for n, (kind, lr) in specs.items() if lr is None and kind not in {**task.lrs, **(lrs or {})}]
     if missing:
         raise ValueError(f"task {task.name!r} has no default learning rate for {', '.join(missing)}; "
                          f"give one as NAME@LR (e.g. {missing[0]}@1e-3) or in lrs=")
     batch_size = batch_size or task.batch_size
     lrs = {**task.lrs, **(lrs or {})}
-    snopt_kwargs = {**task.snopt, **(snopt_options or {})}
     notes: List[str] = []
     runs = [_make_run(task, name, kind, float(lrs[kind] if lr is None else lr), seed, batch_size, snopt_kwargs, notes)
             for name, (kind, lr) in specs.items()]
@@ -116,14 +116,15 @@ def _check_limits(task: Task, budget, iters, eval_points):
     return budget, eval_points
 
 
-def _check_optimizers(optimizers: Sequence[str]) -> Dict[str, tuple]:
-    """``{run name: (kind, lr or None)}`` in the given order; raises ``ValueError`` on bad names."""
+def _check_optimizers(optimizers: Sequence[str], task_snopt: dict) -> Dict[str, tuple]:
+    """``{run name: (kind, lr or None)}`` in the given order; raises ``ValueError`` on bad names or
+    on SNOpt options that do not fit the task's (``task_snopt``)."""
     if not optimizers:
         raise ValueError(f"no optimizer given; choose from {', '.join(OPTIMIZER_NAMES)}")
     names = [o.strip().lower() for o in optimizers]
     if len(set(names)) != len(names):
         raise ValueError(f"optimizers listed twice: {list(names)}")
-    return {name: parse_optimizer(name) for name in names}
+    return {name: parse_optimizer(name, task_snopt) for name in names}
 
 
 def _make_run(task: Task, name: str, kind: str, lr: float, seed: int, batch_size: int, snopt_kwargs: dict,
