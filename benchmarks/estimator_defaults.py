@@ -35,21 +35,15 @@ CONFIGS = {
 }
 
 
-def as_lists(data: datasets.TimeSeriesData):
-    """Series as users hold them: a list of ``(length_i, channels)`` arrays, and labels."""
-    X = [data.values[i, :int(data.lengths[i])].numpy() for i in range(len(data))]
-    return X, np.array(data.classes)[data.labels.numpy()]
-
-
 def load(spec: str):
     """``(name, train, test)`` of a vendored name or a ``TRAIN.ts:TEST.ts`` pair."""
     if ":" in spec:
         train_path, test_path = spec.split(":")
         train = datasets.load_uea_ts(train_path)
         test = datasets.load_uea_ts(test_path, classes=train.classes)
-        return Path(train_path).stem.replace("_TRAIN", ""), as_lists(train), as_lists(test)
+        return Path(train_path).stem.replace("_TRAIN", ""), train.as_lists(), test.as_lists()
     loader = getattr(datasets, f"load_{spec}")
-    return spec, as_lists(loader("train")), as_lists(loader("test"))
+    return spec, loader("train").as_lists(), loader("test").as_lists()
 
 
 def fit_once(config: dict, seed: int, max_time: float, train, test) -> dict:

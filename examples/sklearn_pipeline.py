@@ -34,12 +34,6 @@ from snopt_dyn import datasets
 from snopt_dyn.estimators import NeuralCDEClassifier
 
 
-def as_lists(data: datasets.TimeSeriesData):
-    """A TimeSeriesData split as users hold series: a list of (length_i, channels) arrays and labels."""
-    X = [data.values[i, :int(data.lengths[i])].numpy() for i in range(len(data))]
-    return X, np.array(data.classes)[data.labels.numpy()]
-
-
 def series_features(X, stride: int = 1, differences: bool = False):
     """A pipeline step on series: keep every ``stride``-th step (a CDE's cost grows with the length),
     optionally append first differences as extra channels."""
@@ -88,8 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     scale = 0.15 if args.quick else 1.0
     start = time.perf_counter()
-    vowels = as_lists(datasets.load_japanese_vowels("train")), as_lists(datasets.load_japanese_vowels("test"))
-    motions = as_lists(datasets.load_basic_motions("train")), as_lists(datasets.load_basic_motions("test"))
+    vowels = datasets.load_japanese_vowels("train").as_lists(), datasets.load_japanese_vowels("test").as_lists()
+    motions = datasets.load_basic_motions("train").as_lists(), datasets.load_basic_motions("test").as_lists()
     grid_search("JapaneseVowels", *vowels, {"cde__hidden": [16, 32]}, max_time=12 * scale)
     grid_search("BasicMotions", *motions,
                 {"features__kw_args": [{"stride": 4}, {"stride": 4, "differences": True}]}, max_time=10 * scale)

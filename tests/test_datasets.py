@@ -211,6 +211,9 @@ def test_load_uea_ts(tmp_path: Path) -> None:
         ]
     )
     torch.testing.assert_close(data.values, expected, equal_nan=True)
+    series, labels = data.as_lists()  # as the file has them: no padding, the labels' own names
+    assert [x.shape for x in series] == [(3, 2), (2, 2), (2, 2)] and labels.tolist() == ["b", "a", "b"]
+    np.testing.assert_array_equal(series[1], [[4.5, 40.0], [np.nan, 50.0]])
     assert data.mask.tolist() == [[True, True, True], [True, True, False], [False, True, False]]
     assert data.times.tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
     mean, std = channel_statistics(data)

@@ -89,6 +89,12 @@ class TimeSeriesData:
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
+    def as_lists(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """The series as users hold them, without padding: a list of ``(length_i, C)`` arrays, and
+        their original labels (``classes[labels]``), e.g. for the scikit-learn estimators."""
+        series = [self.values[i, :int(self.lengths[i])].numpy() for i in range(len(self))]
+        return series, np.array(self.classes)[self.labels.numpy()]
+
     def subset(self, index: Tensor | Sequence[int] | slice) -> TimeSeriesData:
         """Select series (e.g. a minibatch) keeping the padding to ``L_max``."""
         if not isinstance(index, slice):
