@@ -1,4 +1,4 @@
-"""Two measurements behind BENCHMARKS.md's prose, as commands.
+"""Three measurements behind BENCHMARKS.md's prose, as commands.
 
 ``steps``: the length of SNOpt's preconditioned step per iteration on a task (``|P g| / |g|``, and
 ``lr² ⟨P g, g⟩``, the KL clip's quantity), marking refreshes: where long steps happen.
@@ -7,8 +7,14 @@
 refreshing, timed by phase (forward, backward, ``step()``) over interleaved rounds: whether SNOpt
 costs anything outside its own ``step()``.
 
+``weak``: SNOpt's first step under the task's rule, per layer: the share of the update's squared
+norm that lands on coordinates of the Kronecker eigenbasis whose gradient is below ``δ`` times the
+layer's mean (δ = 0.1, 1), against the share of the gradient's own energy there; and how many entries
+are that weak in the weights' own basis.  Adam's first step is ``±lr`` per coordinate in either basis.
+
     python benchmarks/snopt_diagnostics.py steps timeseries 45
     python benchmarks/snopt_diagnostics.py phases flow 15
+    python benchmarks/snopt_diagnostics.py weak timeseries 0    # the last number is the seed
 """
 from __future__ import annotations
 
@@ -85,6 +91,34 @@ def phases(name: str, rounds: int) -> None:
     print(f"ratio with/without: x{total[1] / total[0]:.3f}")
 
 
+def _share_below(scale: torch.Tensor, energy: torch.Tensor, delta: float):
+    """``(fraction of coordinates, share of energy)`` where ``scale < delta·mean(scale)``."""
+    weak = scale < delta * scale.mean()
+    return float(weak.float().mean()), float(energy[weak].sum() / energy.sum())
+
+
+def weak(name: str, seed: int) -> None:
+    task, options = _setup(name)
+    model = task.make_model(seed)
+    precond = snopt_dyn.SNOpt(model, **options)
+    index = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(seed))[:task.batch_size]
+    task.loss(model, index).backward()
+    layers = {n: m for n, m in model.named_modules() if n in precond.layers()}
+    raw = {n: torch.cat([m.weight.grad.flatten(1), m.bias.grad[:, None]], 1) for n, m in layers.items()}
+    precond.step()
+    for n, (a, g, _) in precond.factors().items():
+        u_a, u_g = torch.linalg.eigh(a)[1], torch.linalg.eigh(g)[1]
+        m = layers[n]
+        update = torch.cat([m.weight.grad.flatten(1), m.bias.grad[:, None]], 1)
+        grad_in, update_in = (u_g.t() @ x @ u_a for x in (raw[n], update))
+        for delta in (0.1, 1.0):
+            frac, grad_share = _share_below(grad_in.abs(), grad_in.pow(2), delta)
+            _, update_share = _share_below(grad_in.abs(), update_in.pow(2), delta)
+            own, _ = _share_below(raw[n].abs(), raw[n].pow(2), delta)
+            print(f"{n:14s} |g| < {delta:g}·mean: eigenbasis {frac:.0%} of coordinates, {update_share:.0%} of "
+                  f"the update, {grad_share:.2%} of the gradient; own basis {own:.0%} of the entries")
+
+
 if __name__ == "__main__":
     what, task_name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    {"steps": steps, "phases": phases}[what](task_name, count)
+    {"steps": steps, "phases": phases, "weak": weak}[what](task_name, count)
