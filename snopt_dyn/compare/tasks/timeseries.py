@@ -85,6 +85,9 @@ def _build_cde(info) -> nn.Module:
 
 
 TUNING = (
+    "Seventh round (BENCHMARKS.md §6, 3 seeds, slower host): the Adam rule with a scale-free epsilon, relative_eps 0.3: "
+    "JapaneseVowels 91.53% vs 90.81% (ratio 0.69 vs 0.86), but ItalyPowerDemand 75.87% vs 82.25% and GunPoint "
+    "57.11% vs 68.22%: not confirmed, left at 0. "
     "Fifth round (BENCHMARKS.md §6, 3 seeds): decoupled weight decay 0.1 on the Adam rule: JapaneseVowels 93.24% "
     "vs 92.97%, BasicMotions 48.33% vs 45.00%, GunPoint 86.17% vs 85.00%, but ItalyPowerDemand 87.20% vs 91.38%: "
     "not confirmed, left at 0; SOAP's update on SNOpt's basis 90.95% on JapaneseVowels: rejected. "
