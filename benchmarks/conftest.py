@@ -3,7 +3,8 @@
 Modes
     quick (default, no environment variable; also ``SNOPT_DYN_QUICK=1``): small models, few
         rounds, tiny budgets -- the whole directory runs in about two minutes on 2 cores and CI runs
-        it inside ``python -m pytest -q``.  Every benchmark still asserts that what it measured is
+        it inside ``python -m pytest -q -n 2 --dist loadfile`` (under xdist pytest-benchmark's timing is off,
+        the rounds run without it, and no summary or results file is written).  Every benchmark still asserts that what it measured is
         well formed (finite, positive ratios; the engine's memory stays flat; NFE recorded).
     full (``SNOPT_DYN_BENCH=full``): the sizes and rounds behind the figures in ``BENCHMARKS.md``.
 
