@@ -143,7 +143,8 @@ class SNOpt(hooks.EngineObserver):
             ``moment="adam"`` (Adam's), ``damping`` with ``moment="paper"``.
         relative_eps: ``rule="adam"``'s scale-free ε: ``relative_eps · mean(v̂^power)`` of each layer
             is added to the denominator, damping the eigen-directions that carry almost no gradient
-            (Adam's early steps are about ``±lr`` in every coordinate).  Default 0 (off).
+            (Adam's early steps are about ``±lr`` in every coordinate).  Default 0 (off): measured at
+            0.3 on the Neural CDE it did not transfer (BENCHMARKS.md §6, seventh round).
         power: ``rule="adam"``'s power ``p`` of ``v̂`` in [1/2, 1] (1/2: Adam; 1: today's power).
         bias_correction: ``rule="adam"``'s bias correction of the moments that start at zero.
         weight_decay: decoupled weight decay for every rule

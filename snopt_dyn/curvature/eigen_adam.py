@@ -13,9 +13,10 @@ of the cost of infrequent eigendecompositions.  With ``P = U_Gᵀ g U_A`` the ro
 
 * ``p`` (``power``) in [1/2, 1]: 1/2 is Adam's scale-free step; 1 keeps today's power.
 * ``relative_eps`` δ adds ``δ·mean(v̂^p)`` (per layer) to the denominator.  Adam's step is about
-  ``±lr`` in *every* coordinate early on, and in a Kronecker eigenbasis most coordinates carry almost
-  no gradient: directions of input space the batch never visits.  An absolute ε cannot tell them
-  apart without losing scale invariance; ``δ·mean`` damps them and stays scale-free.  Default 0.
+  ``±lr`` in *every* coordinate early on, and in a Kronecker eigenbasis many coordinates carry almost
+  no gradient (14-37 % of them on the Neural CDE's first step, against 6-13 % of the weights).  An
+  absolute ε cannot tell them apart without losing scale invariance; ``δ·mean`` damps them and stays
+  scale-free.  Default 0: at 0.3 it lost 6-11 points on two of three held-out UCR sets (BENCHMARKS.md §6).
 * ``moment="adam"``: ``v`` starts at 0 and is carried into every new basis (:mod:`.basis_change`),
   as SOAP does.  ``moment="paper"``: ``v`` is today's rule: reset at every rebuild to the Kronecker
   eigenvalues ``mult·s_G s_Aᵀ`` and updated with ``α`` and ``B·P̄⊙P̄`` (not bias-corrected: it does not
