@@ -25,10 +25,6 @@ from snopt_dyn import datasets
 from snopt_dyn.estimators import NeuralCDEClassifier, preprocessing
 
 
-def _series(data):
-    return [data.values[i, :int(data.lengths[i])].numpy() for i in range(len(data))]
-
-
 def main_job(iters: int) -> None:
     from snopt_dyn.compare.tasks import get_task
 
@@ -60,14 +56,14 @@ def main() -> None:
         return main_job(args.iters)
     train, test = datasets.load_japanese_vowels("train"), datasets.load_japanese_vowels("test")
     clf = NeuralCDEClassifier(max_epochs=args.epochs, early_stopping=False, random_state=0, verbose=0)
-    clf.fit(_series(train), train.labels.numpy())
+    clf.fit(train.as_lists()[0], train.labels.numpy())
     x = preprocessing.cde_coefficients(test, clf.scaling_)
     model = clf.model_.eval()
     probes = torch.arange(0, len(x), 19)
     gen = torch.Generator().manual_seed(1)
     tens = [torch.randint(0, len(x), (9,), generator=gen) for _ in probes]
     hundreds = [torch.randperm(len(x), generator=gen)[:99] for _ in probes]
-    print(f"accuracy {np.mean(clf.predict(_series(test)) == test.labels.numpy()):.4f}; {len(probes)} probe series")
+    print(f"accuracy {np.mean(clf.predict(test.as_lists()[0]) == test.labels.numpy()):.4f}; {len(probes)} probe series")
     for tol in (1e-3, 1e-4, 1e-5):
         for mode in (False, "eval"):
             snopt_dyn.wrap(model, per_sample_error=mode, eval_tol=tol)

@@ -119,11 +119,8 @@ def fitted_vowels():
 
     train, test = datasets.load_japanese_vowels("train"), datasets.load_japanese_vowels("test")
 
-    def series(d):
-        return [d.values[i, :int(d.lengths[i])].numpy() for i in range(len(d))]
-
     clf = NeuralCDEClassifier(max_epochs=3, early_stopping=False, random_state=0, verbose=0)
-    return clf.fit(series(train), train.labels.numpy()), series(test)
+    return clf.fit(train.as_lists()[0], train.labels.numpy()), test.as_lists()[0]
 
 
 #: the stated bound: probabilities of one series predicted in batches of 1, 10 and 100 (measured

@@ -41,8 +41,7 @@ def vowels():
     def take(split, n):
         d = datasets.load_japanese_vowels(split)
         idx = np.linspace(0, len(d) - 1, n).round().astype(int)
-        X = [d.values[i, :int(d.lengths[i])].numpy() for i in idx]
-        return X, np.array(d.classes)[d.labels.numpy()[idx]]
+        return d.subset(idx).as_lists()
     return take("train", 36), take("test", 36)
 
 
