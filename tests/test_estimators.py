@@ -258,7 +258,7 @@ def test_snopt_is_the_default_with_the_main_jobs_settings_and_overridable(monkey
     assert made[0] == dict(cde, damping=0.1, rule="ekfac")
     made.clear()
     ODERNNClassifier(**ONE).fit(X[:18], y[:18])
-    assert made[0] == {"damping": 0.05, "sample_step": 1.0, "update_freq": 50, "skip": (torch.nn.GRUCell,)}
+    assert made[0] == {"damping": 0.05, "sample_step": 1.0, "update_freq": 20, "skip": (torch.nn.GRUCell,)}
     made.clear()
     for name in ("adam", "sgd"):
         other = NeuralCDEClassifier(**dict(ONE, optimizer=name)).fit(X[:18], y[:18])

@@ -21,7 +21,7 @@ class _ODERNN:
     #: the latent task keeps the paper's rule (the Adam rule ended 2.5 points lower there); SNOpt
     #: preconditions the Linear layers (field and head); the GRU cell is not a layer kind it
     #: preconditions, so it is skipped (no warning) ...
-    _snopt_defaults = {"update_freq": 50, "skip": (nn.GRUCell,)}
+    _snopt_defaults = {"update_freq": 20, "skip": (nn.GRUCell,)}
     #: ... and gets an Adam of its own at the latent task's Adam rate, the main job's ``rest=adam``
     _snopt_rest = "adam"
 
