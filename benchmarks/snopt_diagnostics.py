@@ -104,13 +104,13 @@ def weak(name: str, seed: int) -> None:
     precond = snopt_dyn.SNOpt(model, **options)
     index = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(seed))[:task.batch_size]
     task.loss(model, index).backward()
-    layers = {n: m for n, m in model.named_modules() if n in precond.layers()}
-    raw = {n: kind_of(m)[0].grad_matrix(m).clone() for n, m in layers.items()}
+    layers = {n: (m, kind_of(m)[0]) for n, m in model.named_modules() if n in precond.layers()}
+    raw = {n: kind.grad_matrix(m).clone() for n, (m, kind) in layers.items()}
     precond.step()
     for n, (a, g, _) in precond.factors().items():
         u_a, u_g = torch.linalg.eigh(a)[1], torch.linalg.eigh(g)[1]
-        m = layers[n]
-        update = kind_of(m)[0].grad_matrix(m)
+        m, kind = layers[n]
+        update = kind.grad_matrix(m)
         grad_in, update_in = (u_g.t() @ x @ u_a for x in (raw[n], update))
         for delta in (0.1, 1.0):
             frac, grad_share = _share_below(grad_in.abs(), grad_in.pow(2), delta)
