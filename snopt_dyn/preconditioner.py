@@ -168,6 +168,10 @@ class SNOpt(hooks.EngineObserver):
             and kfac-jax's burn-in); from then on every basis is built *after* the update of the
             iteration that sampled it, so no update uses a basis containing its own batch (SOAP's
             order; :mod:`snopt_dyn.curvature.burn_in`).  Default 0: today's order.
+        first_basis: ``rule="adam"``: ``D >= 1`` iterations of Adam in the weights' own basis (no
+            sampling) before the first basis is built at iteration ``D`` (with ``burn_in``, its
+            gathering starts there); the moments are carried into that basis.  Default 0: a basis
+            from iteration 0 on.
         batch_size: the batch size of every solve, where the rule of
             :mod:`snopt_dyn.curvature.batching` cannot find it.
         autograd_uses: also count the vector-Jacobian products that the field itself takes through
@@ -204,7 +208,8 @@ class SNOpt(hooks.EngineObserver):
                  lr: Optional[trust_region.LearningRate] = None, rule: str = DEFAULT_RULE,
                  beta1: float = 0.9, beta2: float = 0.999, eps: Optional[Schedule] = None, power: float = 0.5,
                  relative_eps: float = 0.0, bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
-                 eigh_every: int = 1, burn_in: int = 0, sde_noise: str = sde_pairing.SDE_NOISE[0]):
+                 eigh_every: int = 1, burn_in: int = 0, first_basis: int = 0,
+                 sde_noise: str = sde_pairing.SDE_NOISE[0]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
         moment = RULE_MOMENTS.get(rule, (DEFAULT_MOMENT,))[0] if moment is None else moment
@@ -212,12 +217,14 @@ class SNOpt(hooks.EngineObserver):
                            num_samples=num_samples, loss_reduction=loss_reduction, moment=moment,
                            batch_size=batch_size, rule=rule, beta1=beta1, beta2=beta2, eps=eps, power=power,
                            relative_eps=relative_eps, bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
-                           eigh_every=eigh_every, burn_in=burn_in, sde_noise=sde_noise)
+                           eigh_every=eigh_every, burn_in=burn_in, first_basis=first_basis,
+                           sde_noise=sde_noise)
         trust_region.check(kl_clip, lr)
         self.rule, self.beta1, self.beta2, self.eps, self.power = rule, float(beta1), float(beta2), eps, float(power)
         self.bias_correction, self.weight_decay = bool(bias_correction), float(weight_decay)
         self.relative_eps = float(relative_eps)
         self.factor_ema, self.eigh_every, self.burn_in = float(factor_ema), eigh_every, burn_in
+        self.first_basis = first_basis
         self.kl_clip, self.lr = kl_clip, lr
         self.last_clip: Optional[Tensor] = None  # ν of the last step (a tensor: reading it syncs)
         self.sample_spec_ = hooks.SampleSpec(step=float(sample_step)) if sample_step is not None else \
@@ -295,9 +302,17 @@ class SNOpt(hooks.EngineObserver):
             raise ValueError(f"SNOpt: sde_noise must be one of {sde_pairing.SDE_NOISE}, got {get('sde_noise')!r}")
         if "eigh_every" in options:
             _positive_int("eigh_every", get("eigh_every"))
-        if "burn_in" in options and (isinstance(get("burn_in"), bool) or not isinstance(get("burn_in"), int)
-                                     or get("burn_in") < 0):
-            raise ValueError(f"SNOpt: burn_in must be an integer >= 0, got {get('burn_in')!r}")
+        for name in ("burn_in", "first_basis"):
+            if name in options and (isinstance(get(name), bool) or not isinstance(get(name), int) or get(name) < 0):
+                raise ValueError(f"SNOpt: {name} must be an integer >= 0, got {get(name)!r}")
+        if get("first_basis", 0) and (rule != "adam" or (get("moment") or "adam") != "adam"):
+            raise ValueError("SNOpt: first_basis (Adam in the weights' own basis before the first eigenbasis) "
+                             "needs rule='adam' with moment='adam'; today's rule has no update without a basis "
+                             "(its layers would keep their raw gradient): add rule='adam', or leave first_basis out")
+        if get("first_basis", 0) and get("loss_reduction", "mean") == "sum":
+            raise ValueError("SNOpt: first_basis needs loss_reduction='mean': before the first basis there are no "
+                             "statistics to count the batch a summed loss adds up, so the update could not be B "
+                             "times the mean loss's; divide the loss by the batch size, or leave first_basis out")
 
     @staticmethod
     def _find_layers(model: nn.Module, skip) -> Dict[nn.Module, _LayerState]:
@@ -350,7 +365,7 @@ class SNOpt(hooks.EngineObserver):
     def refreshing(self) -> bool:
         """Whether the current iteration (the one before the next ``step()``) is a refresh: it
         samples curvature statistics (every ``update_freq``-th, and every burn-in iteration)."""
-        return burn_in.gathers(self.steps, self.burn_in, self.update_freq)
+        return burn_in.gathers(self.steps, self.burn_in, self.update_freq, self.first_basis)
 
     def _owns(self, func) -> bool:
         if func in self._fields:
@@ -467,7 +482,7 @@ class SNOpt(hooks.EngineObserver):
 
     def _step(self) -> None:
         refresh = self.refreshing
-        rebuild = refresh and burn_in.rebuilds(self.steps, self.burn_in, self.update_freq)
+        rebuild = refresh and burn_in.rebuilds(self.steps, self.burn_in, self.update_freq, self.first_basis)
         damping, alpha = self._hyper()
         layers = list(self._layers.values())
         grads = {st.module: st.kind.grad_matrix(st.module) for st in layers}
@@ -493,7 +508,7 @@ class SNOpt(hooks.EngineObserver):
         if rebuild and not deferred:
             self._rebuild(layers, entries)
         self._clear_stats()
-        if burn_in.in_burn_in(self.steps, self.burn_in):
+        if burn_in.in_burn_in(self.steps, self.burn_in, self.first_basis):
             self._hold_still(layers, grads)
         else:
             self._set_grads(self._updates(layers, grads, damping, alpha))
@@ -583,7 +598,7 @@ class SNOpt(hooks.EngineObserver):
         if distributed.world_size() > 1 and layers:
             shapes = [(s["u_a"][0], s["u_g"][0]) for s in map(checkpoint.layer_shapes, layers)]
             entries = distributed.average_factors(entries, shapes, layers[0].module.weight.device)
-        decay = 1.0 if burn_in.in_burn_in(self.steps, self.burn_in) else self.factor_ema
+        decay = 1.0 if burn_in.in_burn_in(self.steps, self.burn_in, self.first_basis) else self.factor_ema
         self.last_samples = 0
         sde_notes: Dict[str, List[str]] = {"foreign-torchsde": [], "ito": []}
         for st, f in zip(layers, entries):

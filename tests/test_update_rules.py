@@ -92,13 +92,18 @@ def _signed_permutation(seed, size, permute=True, flip=True):
 
 
 # ------------------------------------------------------------------------ 1. identity bases = Adam
-@pytest.mark.parametrize("burn_in", [0, 2])
+#: (burn_in, first_basis) -> the rebuilds over 10 steps with update_freq=2
+IDENTITY_SCHEDULES = {(0, 0): 5, (2, 0): 5, (0, 3): 4, (2, 3): 3}
+
+
+@pytest.mark.parametrize("burn_in,first_basis", list(IDENTITY_SCHEDULES))
 @pytest.mark.parametrize("reference", ["adam", "adamw", "soap-betas"])
-def test_identity_bases_make_the_rule_torch_adam(monkeypatch, reference, burn_in):
+def test_identity_bases_make_the_rule_torch_adam(monkeypatch, reference, burn_in, first_basis):
     """Forced identity bases: SNOpt(rule="adam") + SGD(lr) takes torch.optim.Adam's (AdamW's)
-    steps to 1e-6 over 8 steps with rebuilds every 2 (moments carried through every rebuild).
-    With burn_in=K the first K batches only gather factors (no step, as SOAP's first step): the
-    result equals Adam started on batch K."""
+    steps to 1e-6 over 10 steps with rebuilds every 2 (moments carried through every rebuild).
+    With burn_in=K the K batches from the first basis's iteration on only gather factors (no step,
+    as SOAP's first step): Adam skips those batches.  first_basis=D: D steps in the weights' own
+    basis first, then the moments carried into the first basis."""
     monkeypatch.setattr(ekfac, "eigh", FakeEigh("identity"))
     torch.manual_seed(0)
     ours, theirs = MLP().double(), MLP().double()
@@ -106,19 +111,20 @@ def test_identity_bases_make_the_rule_torch_adam(monkeypatch, reference, burn_in
     betas, wd = ((0.95, 0.95) if reference == "soap-betas" else (0.9, 0.999)), (0.1 if reference == "adamw" else 0.0)
     lr, eps = 0.01, 1e-8
     precond = snopt_dyn.SNOpt(ours, rule="adam", beta1=betas[0], beta2=betas[1], eps=eps, power=0.5,
-                              weight_decay=wd, update_freq=2, burn_in=burn_in)
+                              weight_decay=wd, update_freq=2, burn_in=burn_in, first_basis=first_basis)
     Adam = torch.optim.AdamW if reference == "adamw" else torch.optim.Adam
     adam = Adam(theirs.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd)
     sgd = torch.optim.SGD(ours.parameters(), lr=lr)
-    batches = _batches(8)
+    batches = _batches(10)
     for step in range(len(batches)):
         _train(ours, precond, sgd, batches[step:step + 1])
-        if step >= burn_in:
+        if not first_basis <= step < first_basis + burn_in:
             _train(theirs, None, adam, batches[step:step + 1])
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             err = float((p - q).detach().abs().max() / q.detach().abs().max())
             assert err < 1e-6, f"step {step} {name}: {err:.3g}"
-    assert precond.refreshes == 4  # rebuilds at 0, 2, 4, 6 (with burn-in: 1, 3, 5, 7)
+    # rebuilds at 0, 2, .., 8; with burn-in 1, 3, .., 9; first_basis=3: 3, 5, 7, 9; both: 4, 6, 8
+    assert precond.refreshes == IDENTITY_SCHEDULES[burn_in, first_basis]
 
 
 # ------------------------------------------------------------------------ 2. today's rule bit for bit
@@ -230,6 +236,61 @@ def test_eigh_every_uses_the_warm_qr_step_between_full_eigendecompositions(monke
         assert torch.isfinite(p).all()
 
 
+def test_first_basis_is_torch_adam_without_sampling_until_its_iteration():
+    """first_basis=D with real eigendecompositions: the first D steps sample nothing (no sampling
+    evaluation, no refresh) and equal torch.optim.Adam to 1e-10; iteration D samples and builds the
+    first basis, and from then on the updates leave Adam's (the test can fail both ways)."""
+    torch.manual_seed(13)
+    ours = ODEModel().double()
+    theirs = copy.deepcopy(ours)
+    precond = snopt_dyn.SNOpt(ours, rule="adam", update_freq=3, num_samples=4, first_basis=4)
+    sgd = torch.optim.SGD(ours.parameters(), lr=0.01)
+    adam = torch.optim.Adam(theirs.parameters(), lr=0.01)
+    x, y = _data(8)
+    sampled, gap = [], []
+    for step in range(7):
+        sampled.append(precond.refreshing)
+        for model, opt in ((ours, sgd), (theirs, adam)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            if model is ours:
+                precond.step()
+            opt.step()
+        gap.append(max(float((p - q).detach().abs().max()) for p, q in zip(ours.parameters(), theirs.parameters())))
+        if step < 4:
+            assert precond.sampling_nfe == 0 and precond.refreshes == 0, step
+    assert sampled == [False, False, False, False, True, False, False]
+    assert precond.refreshes == 1 and precond.sampling_nfe > 0
+    assert max(gap[:4]) < 1e-10 and gap[4] > 1e-6, gap
+
+
+def test_first_basis_carries_the_moments_into_a_permuted_first_basis(monkeypatch):
+    """A first basis (built at iteration D) that is a signed permutation of the identity changes
+    no update: the moments of the D steps in the weights' own basis are carried into it exactly."""
+    def run(first_basis, transform):
+        monkeypatch.setattr(ekfac, "eigh", FakeEigh("identity", transform))
+        torch.manual_seed(14)
+        model = MLP().double()
+        precond = snopt_dyn.SNOpt(model, rule="adam", beta1=0.9, beta2=0.99, update_freq=100,
+                                  first_basis=first_basis)
+        grads = []
+        _train(model, precond, torch.optim.SGD(model.parameters(), lr=0.01), _batches(8, seed=15), grads)
+        return grads, precond.refreshes
+
+    want, _ = run(0, None)
+    got, n = run(3, lambda k, size: _signed_permutation(7 + size, size))
+    assert n == 1
+    _assert_same(got, want, rtol=1e-10)
+    # without the carry the moments would restart at the first basis: the test sees that
+    def restart(self, st, kronecker, old_g, old_a):
+        st.m1 = st.m2 = None
+    with monkeypatch.context() as patch:
+        patch.setattr(snopt_dyn.SNOpt, "_new_moments", restart)
+        lost, _ = run(3, lambda k, size: _signed_permutation(7 + size, size))
+    with pytest.raises(AssertionError):
+        _assert_same(lost, want, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------ 4. losses & batches
 ADAM_CONFIGS = {
     "adam": dict(rule="adam"),
@@ -239,6 +300,8 @@ ADAM_CONFIGS = {
                                  burn_in=2),
     "adam-relative-eps": dict(rule="adam", relative_eps=0.3),
 }
+#: first_basis refuses loss_reduction="sum" (test_bad_options_are_refused), so only here
+MICRO_BATCH_CONFIGS = {**ADAM_CONFIGS, "adam-first-basis": dict(rule="adam", first_basis=2, beta1=0.95)}
 
 
 @pytest.mark.parametrize("config", list(ADAM_CONFIGS))
@@ -257,7 +320,7 @@ def test_sum_loss_is_batch_times_mean_loss_with_the_new_rules(config):
     _assert_same(got, want, factor=B)
 
 
-@pytest.mark.parametrize("config", list(ADAM_CONFIGS))
+@pytest.mark.parametrize("config", list(MICRO_BATCH_CONFIGS))
 def test_accumulated_micro_batches_equal_one_batch_with_the_new_rules(monkeypatch, config):
     """Two accumulated halves = one batch at every step.  On a fixed grid (rk4, 1/16), so the halves
     and the whole batch solve on the same steps: with dopri5 each half picks its own steps, and the
@@ -269,7 +332,7 @@ def test_accumulated_micro_batches_equal_one_batch_with_the_new_rules(monkeypatc
     b = copy.deepcopy(a)
     x, y = _data(12)
     halves = [(x[:6], y[:6]), (x[6:], y[6:])]
-    kwargs = ADAM_CONFIGS[config]
+    kwargs = MICRO_BATCH_CONFIGS[config]
     got = _run(a, lambda s: [lambda m, xb=xb, yb=yb: F.mse_loss(m(xb), yb) / 2 for xb, yb in halves], steps=5,
                lr=0.005, **kwargs)
     want = _run(b, lambda s: [lambda m: F.mse_loss(m(x), y)], steps=5, lr=0.005, **kwargs)
@@ -283,6 +346,7 @@ RESUME_CONFIGS = {
     "adam-paper": dict(rule="adam", moment="paper", power=1, beta1=0.5),
     "ekfac-ema-qr-wd": dict(factor_ema=0.7, eigh_every=2, weight_decay=1e-3, burn_in=1),
     "adam-relative-eps": dict(rule="adam", relative_eps=0.3, power=0.75),
+    "adam-first-basis": dict(rule="adam", first_basis=7),  # saved inside the first 7 steps
 }
 
 
@@ -442,6 +506,10 @@ def test_bad_options_are_refused():
                           (dict(factor_ema=1), "factor_ema must be"),
                           (dict(eigh_every=0), "eigh_every must be"), (dict(burn_in=-1), "burn_in must be"),
                           (dict(burn_in=1.5), "burn_in must be"),
+                          (dict(first_basis=-1, **adam), "first_basis must be"),
+                          (dict(first_basis=2), "first_basis .* needs rule='adam'"),
+                          (dict(first_basis=2, rule="adam", moment="paper"), "needs rule='adam' with moment='adam'"),
+                          (dict(first_basis=2, rule="adam", loss_reduction="sum"), "first_basis needs loss_reduction='mean'"),
                           (dict(bias_correction="yes", **adam), "bias_correction"),
                           (dict(rule="adam", moment="kfac"), "moment must be"), (dict(moment="adam"), "moment must be")):
         with pytest.raises(ValueError, match=match):

@@ -24,19 +24,31 @@ both:
 
 ``burn_in=1`` samples on the same iterations as ``burn_in=0`` (no extra cost); it only changes the
 order to SOAP's.  Larger ``K`` buys a steadier first basis for ``K-1`` extra sampling iterations.
+
+``first_basis = D >= 1`` (``rule="adam"`` only) shifts all of the above by ``D`` iterations: iterations
+``0 .. D-1`` gather nothing and the preconditioned layers run Adam in the weights' own basis; the
+schedule above then starts at iteration ``D`` as if it were iteration 0, and the Adam moments are
+carried into the first eigenbasis (:mod:`.basis_change`).  Why: where few iterations fit, a basis
+from one batch at the initial weights does worse than no rotation (BENCHMARKS.md §6, ninth round).
 """
 from __future__ import annotations
 
 
-def gathers(step: int, burn_in: int, update_freq: int) -> bool:
+def gathers(step: int, burn_in: int, update_freq: int, first_basis: int = 0) -> bool:
     """Whether iteration ``step`` samples curvature statistics (the engine's sampling hook runs)."""
+    step -= first_basis
+    if step < 0:
+        return False
     if burn_in == 0:
         return step % update_freq == 0
     return step < burn_in or (step - burn_in + 1) % update_freq == 0
 
 
-def rebuilds(step: int, burn_in: int, update_freq: int) -> bool:
+def rebuilds(step: int, burn_in: int, update_freq: int, first_basis: int = 0) -> bool:
     """Whether iteration ``step`` (a gathering one) builds new bases from the factors."""
+    step -= first_basis
+    if step < 0:
+        return False
     if burn_in == 0:
         return step % update_freq == 0
     return step >= burn_in - 1 and (step - burn_in + 1) % update_freq == 0
@@ -47,6 +59,6 @@ def deferred(burn_in: int) -> bool:
     return burn_in > 0
 
 
-def in_burn_in(step: int, burn_in: int) -> bool:
+def in_burn_in(step: int, burn_in: int, first_basis: int = 0) -> bool:
     """Whether iteration ``step`` belongs to the burn-in (its factors enter the average with equal weight)."""
-    return step < burn_in
+    return first_basis <= step < first_basis + burn_in
