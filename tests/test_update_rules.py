@@ -538,6 +538,8 @@ def test_cli_specs_reach_snopt():
             parse_optimizer(bad)
     with pytest.raises(ValueError, match="belong.*rule='adam'"):  # on a task that runs the paper's rule
         parse_optimizer("snopt[power=1]", get_task("image").snopt)
+    with pytest.raises(ValueError, match="first_basis .*needs rule='adam'"):  # the same for first_basis
+        parse_optimizer("snopt[first_basis=3]", get_task("image").snopt)
     task = get_task("image", "digits").prepare("cpu", max_train=16, max_test=24)
     result = compare(task, ["snopt", spec], iters=3, eval_points=1, progress=False)
     plain, variant = result.runs
