@@ -57,7 +57,7 @@ DEFAULT_RULE = "ekfac"
 RULE_MOMENTS = {"ekfac": (DEFAULT_MOMENT,) + tuple(m for m in ekfac.MOMENTS if m != DEFAULT_MOMENT),
                 "adam": eigen_adam.MOMENTS}
 #: Options only ``rule="adam"`` reads (given to another rule with a non-default value: ``ValueError``).
-ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction")
+ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction", "first_basis")
 #: The role of a layer reaching the diffusion of an Itô SDE: left raw (see :mod:`snopt_dyn.curvature.sde_pairing`).
 ITO_DIFFUSION = "ito-diffusion"
 
@@ -305,10 +305,10 @@ class SNOpt(hooks.EngineObserver):
         for name in ("burn_in", "first_basis"):
             if name in options and (isinstance(get(name), bool) or not isinstance(get(name), int) or get(name) < 0):
                 raise ValueError(f"SNOpt: {name} must be an integer >= 0, got {get(name)!r}")
-        if get("first_basis", 0) and (rule != "adam" or (get("moment") or "adam") != "adam"):
+        if get("first_basis", 0) and (get("moment") or "adam") != "adam":
             raise ValueError("SNOpt: first_basis (Adam in the weights' own basis before the first eigenbasis) "
-                             "needs rule='adam' with moment='adam'; today's rule has no update without a basis "
-                             "(its layers would keep their raw gradient): add rule='adam', or leave first_basis out")
+                             "needs rule='adam' with moment='adam': moment='paper' has no second moment without a "
+                             "basis (its layers would keep their raw gradient); leave moment out, or first_basis")
         if get("first_basis", 0) and get("loss_reduction", "mean") == "sum":
             raise ValueError("SNOpt: first_basis needs loss_reduction='mean': before the first basis there are no "
                              "statistics to count the batch a summed loss adds up, so the update could not be B "

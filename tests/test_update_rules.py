@@ -507,7 +507,7 @@ def test_bad_options_are_refused():
                           (dict(eigh_every=0), "eigh_every must be"), (dict(burn_in=-1), "burn_in must be"),
                           (dict(burn_in=1.5), "burn_in must be"),
                           (dict(first_basis=-1, **adam), "first_basis must be"),
-                          (dict(first_basis=2), "first_basis .* needs rule='adam'"),
+                          (dict(first_basis=2), "first_basis belong.*rule='adam'"),
                           (dict(first_basis=2, rule="adam", moment="paper"), "needs rule='adam' with moment='adam'"),
                           (dict(first_basis=2, rule="adam", loss_reduction="sum"), "first_basis needs loss_reduction='mean'"),
                           (dict(bias_correction="yes", **adam), "bias_correction"),
@@ -538,7 +538,7 @@ def test_cli_specs_reach_snopt():
             parse_optimizer(bad)
     with pytest.raises(ValueError, match="belong.*rule='adam'"):  # on a task that runs the paper's rule
         parse_optimizer("snopt[power=1]", get_task("image").snopt)
-    with pytest.raises(ValueError, match="first_basis .*needs rule='adam'"):  # the same for first_basis
+    with pytest.raises(ValueError, match="first_basis belong.*rule='adam'"):  # the same for first_basis
         parse_optimizer("snopt[first_basis=3]", get_task("image").snopt)
     task = get_task("image", "digits").prepare("cpu", max_train=16, max_test=24)
     result = compare(task, ["snopt", spec], iters=3, eval_points=1, progress=False)
