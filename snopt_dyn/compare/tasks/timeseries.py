@@ -85,6 +85,10 @@ def _build_cde(info) -> nn.Module:
 
 
 TUNING = (
+    "Ninth round (BENCHMARKS.md §6, 3 seeds, slower host): Adam in the weights' own basis for the first 10 iterations "
+    "(first_basis=10), then the eigenbasis with the moments carried: JapaneseVowels 92.52% vs 89.19% (first_basis=20 "
+    "89.82%; adamw-cosine 90.54%), PickupGestureWiimoteZ 36.00% vs 30.67% (adamw-cosine 35.33%), but GunPoint "
+    "56.44% vs 76.44%: not confirmed, left at 0. "
     "Seventh round (BENCHMARKS.md §6, 3 seeds, slower host): the Adam rule with a scale-free epsilon, relative_eps 0.3: "
     "JapaneseVowels 91.53% vs 90.81% (ratio 0.69 vs 0.86), but ItalyPowerDemand 75.87% vs 82.25% and GunPoint "
     "57.11% vs 68.22%: not confirmed, left at 0. "
