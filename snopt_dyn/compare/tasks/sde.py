@@ -106,6 +106,9 @@ class SDETask(Task):
 
 
 TUNING = (
+    "Ninth round (BENCHMARKS.md §7, seeds 0-2, 60 s, slower host): refresh every 20 instead of 50: plateau MSE 1.000 "
+    "[0.958, 1.379] vs 0.878 [0.871, 0.883], training loss unstable (3767 vs 52.7); soap 0.807, adamw-cosine 0.842 -> "
+    "kept 50. "
     "Seed 0, 40 s of training clock per run, one interleaved process per group, 2 shared cores, 1 torch thread "
     "(2.5-2.6 it/s), plateau = mean test MSE over the last third of 7 evaluations; SNOpt with the tree's SDE support "
     "of that day (drift and diffusion layers preconditioned from SDE samples; it was being developed while this "
