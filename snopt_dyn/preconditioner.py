@@ -172,7 +172,8 @@ class SNOpt(hooks.EngineObserver):
             sampling) before the first basis is built at iteration ``D`` (with ``burn_in``, its
             gathering starts there); the moments are carried into that basis.  Default 0: a basis
             from iteration 0 on.  At 10 on the Neural CDE it tied AdamW-cosine where about 17
-            iterations fit, but lost 20 points on another UCR set (BENCHMARKS.md §6, ninth round).
+            iterations fit, but lost 20 points on another UCR set; a diagnostic that restarts the
+            moments at the first basis instead recovered most of it (BENCHMARKS.md §6, ninth round).
         batch_size: the batch size of every solve, where the rule of
             :mod:`snopt_dyn.curvature.batching` cannot find it.
         autograd_uses: also count the vector-Jacobian products that the field itself takes through
