@@ -66,6 +66,8 @@ TUNING = (
     "(1.06x); decoupled weight decay 0.1 90.93% (0.94x); adamw-cosine 88.50%, adam 87.39%. Confirmed on seeds 3-7 "
     "against adamw-cosine, soap and adam: every 20 at 0.82x (0.59-0.87; faster than every 50 on each seed) with "
     "plateau 90.84% [89.10, 93.54] vs every 50 at 0.97x, 91.65% [89.19, 91.98]; adamw-cosine 87.12% -> every 20. "
+    "Not confirmed on other data: on ItalyPowerDemand (seeds 0-2) every 20 60.19% vs every 50 61.94%, level inside "
+    "the spread, both far under adam 75.87% and adamw-cosine 73.76% (the ninth round: the eigenbasis is the cause). "
         "SNOpt's base: SGD with warm-up + cosine decay for the preconditioned layers, Adam (the task's Adam rate, 1e-2) "
     "for the GRUCell SNOpt does not precondition (schedule=cosine, rest=adam), from an interleaved ablation (3 seeds, "
     "30 s per run): plateau median 93.06% [90.96, 95.05] vs 87.75% with the GRUCell on SGD (cosine) and 83.81% for the "
