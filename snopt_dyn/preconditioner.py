@@ -57,7 +57,10 @@ DEFAULT_RULE = "ekfac"
 RULE_MOMENTS = {"ekfac": (DEFAULT_MOMENT,) + tuple(m for m in ekfac.MOMENTS if m != DEFAULT_MOMENT),
                 "adam": eigen_adam.MOMENTS}
 #: Options only ``rule="adam"`` reads (given to another rule with a non-default value: ``ValueError``).
-ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction", "first_basis")
+ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction", "first_basis",
+             "first_moments")
+#: what ``first_basis`` does with the moments of its steps in the weights' own basis at the first basis
+FIRST_MOMENTS = ("carry", "restart")
 #: The role of a layer reaching the diffusion of an Itô SDE: left raw (see :mod:`snopt_dyn.curvature.sde_pairing`).
 ITO_DIFFUSION = "ito-diffusion"
 
@@ -174,6 +177,11 @@ class SNOpt(hooks.EngineObserver):
             from iteration 0 on.  At 10 on the Neural CDE it tied AdamW-cosine where about 17
             iterations fit, but lost 20 points on another UCR set; a diagnostic that restarts the
             moments at the first basis instead recovered most of it (BENCHMARKS.md §6, ninth round).
+        first_moments: what ``first_basis`` does with its Adam moments at the first eigenbasis:
+            ``"carry"`` (default) rotates them into it, as every later rebuild does; ``"restart"``
+            starts both at zero there (with a new bias-correction count), so the eigenbasis gets the
+            early steps of a fresh Adam run from the warmed-up weights.  Why: the carried second
+            moment, spread over the eigen-coordinates, damps the weak ones (BENCHMARKS.md §6).
         batch_size: the batch size of every solve, where the rule of
             :mod:`snopt_dyn.curvature.batching` cannot find it.
         autograd_uses: also count the vector-Jacobian products that the field itself takes through
@@ -211,7 +219,7 @@ class SNOpt(hooks.EngineObserver):
                  beta1: float = 0.9, beta2: float = 0.999, eps: Optional[Schedule] = None, power: float = 0.5,
                  relative_eps: float = 0.0, bias_correction: bool = True, weight_decay: float = 0.0, factor_ema: float = 0.0,
                  eigh_every: int = 1, burn_in: int = 0, first_basis: int = 0,
-                 sde_noise: str = sde_pairing.SDE_NOISE[0]):
+                 first_moments: str = FIRST_MOMENTS[0], sde_noise: str = sde_pairing.SDE_NOISE[0]):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt needs an nn.Module, got {type(model).__name__}")
         moment = RULE_MOMENTS.get(rule, (DEFAULT_MOMENT,))[0] if moment is None else moment
@@ -220,13 +228,13 @@ class SNOpt(hooks.EngineObserver):
                            batch_size=batch_size, rule=rule, beta1=beta1, beta2=beta2, eps=eps, power=power,
                            relative_eps=relative_eps, bias_correction=bias_correction, weight_decay=weight_decay, factor_ema=factor_ema,
                            eigh_every=eigh_every, burn_in=burn_in, first_basis=first_basis,
-                           sde_noise=sde_noise)
+                           first_moments=first_moments, sde_noise=sde_noise)
         trust_region.check(kl_clip, lr)
         self.rule, self.beta1, self.beta2, self.eps, self.power = rule, float(beta1), float(beta2), eps, float(power)
         self.bias_correction, self.weight_decay = bool(bias_correction), float(weight_decay)
         self.relative_eps = float(relative_eps)
         self.factor_ema, self.eigh_every, self.burn_in = float(factor_ema), eigh_every, burn_in
-        self.first_basis = first_basis
+        self.first_basis, self.first_moments = first_basis, first_moments
         self.kl_clip, self.lr = kl_clip, lr
         self.last_clip: Optional[Tensor] = None  # ν of the last step (a tensor: reading it syncs)
         self.sample_spec_ = hooks.SampleSpec(step=float(sample_step)) if sample_step is not None else \
@@ -315,6 +323,12 @@ class SNOpt(hooks.EngineObserver):
             raise ValueError("SNOpt: first_basis needs loss_reduction='mean': before the first basis there are no "
                              "statistics to count the batch a summed loss adds up, so the update could not be B "
                              "times the mean loss's; divide the loss by the batch size, or leave first_basis out")
+        if get("first_moments", FIRST_MOMENTS[0]) not in FIRST_MOMENTS:
+            raise ValueError(f"SNOpt: first_moments must be one of {FIRST_MOMENTS}, got {get('first_moments')!r}")
+        if get("first_moments", FIRST_MOMENTS[0]) != FIRST_MOMENTS[0] and not get("first_basis", 0):
+            raise ValueError("SNOpt: first_moments says what first_basis does with its moments at the first "
+                             "eigenbasis; without first_basis there are none: add first_basis=D, or leave "
+                             "first_moments out")
 
     @staticmethod
     def _find_layers(model: nn.Module, skip) -> Dict[nn.Module, _LayerState]:
@@ -658,8 +672,11 @@ class SNOpt(hooks.EngineObserver):
                      old_a: Optional[Tensor]) -> None:
         """The second moment in the new basis: the Kronecker eigenvalues, or (``rule="adam"``,
         ``moment="adam"``) the old one carried over; a first moment is always carried over
-        (:mod:`snopt_dyn.curvature.basis_change`)."""
+        (:mod:`snopt_dyn.curvature.basis_change`); ``first_moments="restart"`` drops them at the first."""
         carry_v = self.rule == "adam" and self.moment == "adam"
+        if old_a is None and self.first_basis and self.first_moments == "restart":
+            st.m1 = st.m2 = None  # zeros and a new step count at the next update
+            return
         if st.m1 is None and not (carry_v and st.m2 is not None):
             st.m2 = None if carry_v else kronecker
             return

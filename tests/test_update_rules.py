@@ -291,6 +291,55 @@ def test_first_basis_carries_the_moments_into_a_permuted_first_basis(monkeypatch
         _assert_same(lost, want, rtol=1e-6)
 
 
+def test_first_moments_restart_is_adam_then_a_fresh_adam(monkeypatch):
+    """first_moments="restart" with identity bases: D steps of torch.optim.Adam, then a *new*
+    torch.optim.Adam from the weights reached (zero moments, step count from 1), to 1e-6; the
+    default carry matches the one uninterrupted Adam instead, so the test tells the two apart."""
+    monkeypatch.setattr(ekfac, "eigh", FakeEigh("identity"))
+    D, batches = 3, _batches(9, seed=16)
+
+    def run(first_moments):
+        torch.manual_seed(2)
+        model = MLP().double()
+        precond = snopt_dyn.SNOpt(model, rule="adam", beta1=0.9, beta2=0.99, update_freq=2, first_basis=D,
+                                  first_moments=first_moments)
+        _train(model, precond, torch.optim.SGD(model.parameters(), lr=0.01), batches)
+        return [p.detach() for p in model.parameters()]
+
+    torch.manual_seed(2)
+    theirs = MLP().double()
+    for part in (batches[:D], batches[D:]):  # a fresh Adam for each part
+        _train(theirs, None, torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.9, 0.99)), part)
+    want = [p.detach() for p in theirs.parameters()]
+    for p, q in zip(run("restart"), want):
+        assert float((p - q).abs().max() / q.abs().max()) < 1e-6
+    carried = run("carry")
+    assert max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(carried, want)) > 1e-4
+
+
+def test_first_moments_restart_ignores_a_signed_permutation_of_the_first_basis(monkeypatch):
+    """Restarted at the first basis, Adam's moments start there from zero, so a first basis that is a
+    signed permutation of another gives the same updates (Adam commutes with signed permutations);
+    later rebuilds still carry the moments, so a permuted second basis changes nothing either."""
+    def run(transform, first_moments="restart"):
+        monkeypatch.setattr(ekfac, "eigh", FakeEigh("random", transform))
+        torch.manual_seed(17)
+        model = MLP().double()
+        precond = snopt_dyn.SNOpt(model, rule="adam", beta1=0.9, beta2=0.99, update_freq=3, first_basis=2,
+                                  first_moments=first_moments)
+        grads = []
+        _train(model, precond, torch.optim.SGD(model.parameters(), lr=0.01), _batches(9, seed=18), grads)
+        return grads, precond.refreshes
+
+    want, n = run(None)
+    got, _ = run(lambda k, size: _signed_permutation(31 * k + size, size))
+    assert n == 3  # rebuilds at 2, 5, 8
+    _assert_same(got, want, rtol=1e-10)
+    carried, _ = run(None, "carry")  # the carry rotates the identity-basis moments into a random basis
+    with pytest.raises(AssertionError):
+        _assert_same(carried, want, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------ 4. losses & batches
 ADAM_CONFIGS = {
     "adam": dict(rule="adam"),
@@ -301,7 +350,8 @@ ADAM_CONFIGS = {
     "adam-relative-eps": dict(rule="adam", relative_eps=0.3),
 }
 #: first_basis refuses loss_reduction="sum" (test_bad_options_are_refused), so only here
-MICRO_BATCH_CONFIGS = {**ADAM_CONFIGS, "adam-first-basis": dict(rule="adam", first_basis=2, beta1=0.95)}
+MICRO_BATCH_CONFIGS = {**ADAM_CONFIGS, "adam-first-basis": dict(rule="adam", first_basis=2, beta1=0.95),
+                       "adam-first-basis-restart": dict(rule="adam", first_basis=2, first_moments="restart")}
 
 
 @pytest.mark.parametrize("config", list(ADAM_CONFIGS))
@@ -347,6 +397,7 @@ RESUME_CONFIGS = {
     "ekfac-ema-qr-wd": dict(factor_ema=0.7, eigh_every=2, weight_decay=1e-3, burn_in=1),
     "adam-relative-eps": dict(rule="adam", relative_eps=0.3, power=0.75),
     "adam-first-basis": dict(rule="adam", first_basis=7),  # saved inside the first 7 steps
+    "adam-first-basis-restart": dict(rule="adam", first_basis=3, first_moments="restart"),  # restarted at 3, saved at 5
 }
 
 
@@ -510,6 +561,9 @@ def test_bad_options_are_refused():
                           (dict(first_basis=2), "first_basis belong.*rule='adam'"),
                           (dict(first_basis=2, rule="adam", moment="paper"), "needs rule='adam' with moment='adam'"),
                           (dict(first_basis=2, rule="adam", loss_reduction="sum"), "first_basis needs loss_reduction='mean'"),
+                          (dict(first_basis=2, first_moments="reset", **adam), "first_moments must be one of"),
+                          (dict(first_moments="restart", **adam), "add first_basis=D"),
+                          (dict(first_moments="restart", first_basis=2), "first_moments belong.*rule='adam'"),
                           (dict(bias_correction="yes", **adam), "bias_correction"),
                           (dict(rule="adam", moment="kfac"), "moment must be"), (dict(moment="adam"), "moment must be")):
         with pytest.raises(ValueError, match=match):
