@@ -61,6 +61,24 @@ ADAM_ONLY = ("beta1", "beta2", "eps", "relative_eps", "power", "bias_correction"
              "first_moments")
 #: what ``first_basis`` does with the moments of its steps in the weights' own basis at the first basis
 FIRST_MOMENTS = ("carry", "restart")
+
+
+def layer_options(*layers: Optional[Dict[str, object]]) -> Dict[str, object]:
+    """SNOpt keyword arguments from defaults and overrides, later layers winning.  A layer that sets
+    another ``rule`` than ``"adam"`` drops the Adam-only options of the layers before it (a task's
+    ``first_basis``, say), and one that sets ``first_basis=0`` drops their ``first_moments``: they
+    configure what that layer turns off, and ``SNOpt`` refuses them without it.  The same option
+    given in that layer itself is kept, and refused."""
+    merged: Dict[str, object] = {}
+    for layer in layers:
+        layer = layer or {}
+        dropped = ADAM_ONLY if layer.get("rule", "adam") != "adam" else ()
+        dropped += ("first_moments",) if layer.get("first_basis", 1) == 0 else ()
+        merged = {k: v for k, v in merged.items() if k not in dropped}
+        merged.update(layer)
+    return merged
+
+
 #: The role of a layer reaching the diffusion of an Itô SDE: left raw (see :mod:`snopt_dyn.curvature.sde_pairing`).
 ITO_DIFFUSION = "ito-diffusion"
 

@@ -250,12 +250,14 @@ def test_snopt_is_the_default_with_the_main_jobs_settings_and_overridable(monkey
 
     monkeypatch.setattr(training.snopt_dyn, "SNOpt", Spy)
     est = NeuralCDEClassifier(**TINY).fit(X, y)
-    cde = {"damping": 0.05, "sample_step": 1.0, "rule": "adam", "power": 0.5, "update_freq": 20}
+    cde = {"damping": 0.05, "sample_step": 1.0, "rule": "adam", "power": 0.5, "update_freq": 20, "first_basis": 10,
+           "first_moments": "restart"}
     assert made[0] == cde
     assert made[-1] == est.n_steps_ == 4
     made.clear()
     NeuralCDEClassifier(**dict(ONE, snopt_options={"damping": 0.1, "rule": "ekfac"})).fit(X[:18], y[:18])
-    assert made[0] == dict(cde, damping=0.1, rule="ekfac")
+    # the paper's rule drops the Adam rule's options (power, first_basis, first_moments)
+    assert made[0] == {"damping": 0.1, "sample_step": 1.0, "rule": "ekfac", "update_freq": 20}
     made.clear()
     ODERNNClassifier(**ONE).fit(X[:18], y[:18])
     assert made[0] == {"damping": 0.05, "sample_step": 1.0, "update_freq": 20, "skip": (torch.nn.GRUCell,)}

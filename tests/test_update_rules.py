@@ -572,6 +572,37 @@ def test_bad_options_are_refused():
     assert snopt_dyn.SNOpt(model).moment == "paper"
 
 
+def test_a_rule_override_drops_the_defaults_adam_only_options():
+    """The timeseries task (and the Neural CDE estimators) run rule='adam' with first_basis=10;
+    asking for the paper's rule (``snopt[rule=ekfac]``, as the README does) must build today's rule
+    with the task's other settings, not be refused for the task's first_basis.  An Adam-only option
+    given together with the other rule is still refused."""
+    from snopt_dyn.compare import compare
+    from snopt_dyn.compare.optimizers import parse_optimizer
+    from snopt_dyn.compare.tasks import get_task
+    from snopt_dyn.estimators import NeuralCDEClassifier, training
+
+    task = get_task("timeseries")
+    assert task.snopt["first_basis"] == 10 and task.snopt["first_moments"] == "restart"
+    assert parse_optimizer("snopt[rule=ekfac]@0.02", task.snopt) == ("snopt", 0.02)
+    with pytest.raises(ValueError, match="first_basis belong.*rule='adam'"):
+        parse_optimizer("snopt[rule=ekfac;first_basis=3]", task.snopt)
+    with pytest.raises(ValueError, match="add first_basis=D"):  # restart without first_basis, asked for
+        parse_optimizer("snopt[first_basis=0;first_moments=restart]", task.snopt)
+    small = task.prepare("cpu", max_train=8, max_test=8)
+    result = compare(small, ["snopt", "snopt[rule=ekfac]@0.02", "snopt[first_basis=0]"], iters=2, eval_points=1,
+                     progress=False)
+    adam, paper, from_zero = (run.precond for run in result.runs)
+    assert (adam.rule, adam.first_basis, adam.first_moments) == ("adam", 10, "restart")
+    assert (paper.rule, paper.first_basis, paper.update_freq) == ("ekfac", 0, task.snopt["update_freq"])
+    assert (from_zero.rule, from_zero.first_basis, from_zero.first_moments) == ("adam", 0, "carry")
+    assert adam.sampling_nfe == 0 and from_zero.sampling_nfe > 0  # 2 iterations: no basis yet / one
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    _, precond = training.make_optimizer("snopt", model, 0.02, {"rule": "ekfac"}, NeuralCDEClassifier._snopt_defaults)
+    assert (precond.rule, precond.first_basis, precond.update_freq) == ("ekfac", 0, 20)
+    precond.remove()
+
+
 def test_cli_specs_reach_snopt():
     """snopt[rule=adam;power=..;beta1=..;beta2=..;wd=..;factor_ema=..;burn_in=..;eigh_every=..]@LR:
     parsed, checked before any run, passed to SNOpt; bad values are refused with the option's name."""

@@ -65,10 +65,10 @@ def with_task_defaults(overrides: Dict[str, object], task_snopt: Optional[Dict[s
     """The SNOpt options a run will get: ``overrides`` on top of the task's defaults.  Before the task
     is known (the command line's first check) an Adam-only option without ``rule`` is checked as under
     ``rule=adam``; the check with the task's rule follows once the task is known."""
-    from ..preconditioner import ADAM_ONLY
+    from ..preconditioner import ADAM_ONLY, layer_options
 
     if task_snopt is not None:
-        return {**task_snopt, **overrides}
+        return layer_options(task_snopt, overrides)
     if "rule" not in overrides and any(k in ADAM_ONLY for k in overrides):
         return {"rule": "adam", **overrides}
     return overrides

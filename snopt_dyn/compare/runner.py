@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import snopt_dyn
+from snopt_dyn.preconditioner import layer_options
 from .optimizers import (OPTIMIZER_HELP, OPTIMIZER_NAMES, lr_multiplier, make_optimizer, make_snopt_base,
                          parse_optimizer, set_lr, snopt_overrides, split_snopt_options)
 from .progress import progress_bar, status
@@ -50,7 +51,7 @@ def compare(task: Task, optimizers: Sequence[str], *, budget: Optional[float] = 
         progress: show a tqdm bar on stderr.
     """
     budget, eval_points = _check_limits(task, budget, iters, eval_points)
-    snopt_kwargs = {**task.snopt, **(snopt_options or {})}
+    snopt_kwargs = layer_options(task.snopt, snopt_options)
     specs = _check_optimizers(optimizers, snopt_kwargs)
     missing = [n for n, (kind, lr) in specs.items() if lr is None and kind not in {**task.lrs, **(lrs or {})}]
     if missing:
@@ -143,7 +144,7 @@ def _make_run(task: Task, name: str, kind: str, lr: float, seed: int, batch_size
 
 def _make_snopt(task: Task, model: nn.Module, name: str, lr: float, snopt_kwargs: dict, notes: List[str]):
     """SNOpt, its base optimizer and schedule; the KL clip (if any) reads the base SGD's current rate."""
-    options, base = split_snopt_options({**snopt_kwargs, **snopt_overrides(name)})
+    options, base = split_snopt_options(layer_options(snopt_kwargs, snopt_overrides(name)))
     holder: List[torch.optim.Optimizer] = []
     if options.get("kl_clip") is not None:
         options["lr"] = lambda step: holder[0].param_groups[0]["lr"]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import snopt_dyn
+from snopt_dyn.preconditioner import layer_options
 from snopt_dyn.schedules import SCHEDULES, warmup_cosine
 
 __all__ = ["OPTIMIZERS", "SNOPT_DEFAULTS", "RESTS", "SCHEDULES", "Budget", "History", "CombinedOptimizer", "make_optimizer",
@@ -93,7 +94,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, snopt_options: Option
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9), None
     if name == "snopt":
-        options = {**SNOPT_DEFAULTS, **(model_defaults or {}), **(snopt_options or {})}
+        options = layer_options(SNOPT_DEFAULTS, model_defaults, snopt_options)
         rest, rest_lr = options.pop("rest", rest), options.pop("rest_lr", rest_lr)
         _check_rest(rest, rest_lr)
         precond = snopt_dyn.SNOpt(model, **options)
