@@ -165,7 +165,7 @@ def test_each_model_takes_its_main_job_tasks_snopt_settings_and_rates(cls, task,
 
 @pytest.mark.parametrize("cls", [ODERNNClassifier, ODERNNRegressor])
 def test_odernn_gives_its_gru_cell_an_adam_at_the_latent_tasks_rate(cls, made, series):
-    """As the main job's latent task (``rest=adam``): SNOpt's base SGD (lr 0.03) steps the Linear
+    """As the main job's latent task (``rest=adam``): SNOpt's base SGD (lr 1e-2) steps the Linear
     layers it preconditions, an Adam (lr 1e-2) the GRU cell -- so one step moves every GRU weight by
     1e-2 (Adam's first step is lr times the gradient's sign); ``rest="sgd"`` is the paper's setting."""
     X, y = series
@@ -175,7 +175,7 @@ def test_odernn_gives_its_gru_cell_an_adam_at_the_latent_tasks_rate(cls, made, s
     assert isinstance(optimizer, training.CombinedOptimizer)
     sgd, adam = optimizer.optimizers
     cell = list(est.model_.cell.parameters())
-    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["lr"] == 0.03
+    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["lr"] == 1e-2
     assert {id(p) for p in sgd.param_groups[0]["params"]} == {id(p) for p in precond.preconditioned_parameters()}
     assert type(adam) is torch.optim.Adam and adam.param_groups[0]["lr"] == 1e-2
     assert [id(p) for p in adam.param_groups[0]["params"]] == [id(p) for p in precond.unpreconditioned_parameters()] \
@@ -216,7 +216,7 @@ def test_a_warm_start_continues_the_adam_at_the_current_rates_and_a_new_optimize
     assert [g["lr"] for g in optimizer.param_groups] == [0.05, 3e-3]
     adam = optimizer.optimizers[1]
     assert all(float(adam.state[p]["step"]) == 2 for p in est.model_.cell.parameters())
-    assert precond.steps == 2 and precond.refreshes == 1
+    assert precond.steps == 2 and precond.refreshes == 0  # first_basis=10: no eigenbasis in two steps
     weights = _weights(est)
     est.set_params(optimizer="adam").fit(X, y)
     optimizer, precond, before = made[-1]

@@ -25,8 +25,8 @@ PARAMETERS = """
             ``damping=0.05, sample_step=1.0`` and the model's: the Neural CDE takes the main job's
             ``timeseries`` settings (``rule="adam", power=0.5, update_freq=20``: Adam in the
             eigenbasis, at ``lr=1e-2``, after 10 steps of Adam in the weights' own basis:
-            ``first_basis=10, first_moments="restart"``), the ODE-RNN its ``latent`` settings (the paper's rule,
-            ``update_freq=20``, at ``lr=0.03``); and, as in the main job, ``rest``
+            ``first_basis=10, first_moments="restart"``), the ODE-RNN its ``latent`` settings (the same since
+            the tenth round); and, as in the main job, ``rest``
             (``"sgd"`` or ``"adam"``: an Adam of their own for the parameters SNOpt does not
             precondition) and ``rest_lr`` (its rate).
         batch_size, max_epochs: minibatch size and the most epochs.
