@@ -191,10 +191,10 @@ class SNOpt(hooks.EngineObserver):
             order; :mod:`snopt_dyn.curvature.burn_in`).  Default 0: today's order.
         first_basis: ``rule="adam"``: ``D >= 1`` iterations of Adam in the weights' own basis (no
             sampling) before the first basis is built at iteration ``D`` (with ``burn_in``, its
-            gathering starts there); the moments are carried into that basis.  Default 0: a basis
-            from iteration 0 on.  At 10 on the Neural CDE it tied AdamW-cosine where about 17
-            iterations fit, but lost 20 points on another UCR set; a diagnostic that restarts the
-            moments at the first basis instead recovered most of it (BENCHMARKS.md §6, ninth round).
+            gathering starts there); the moments are carried into that basis, or restarted there
+            (``first_moments``).  Default 0: a basis from iteration 0 on.  With the moments carried,
+            10 lost 20 points on one UCR set; restarted, 10 is the main job's timeseries and latent
+            default (BENCHMARKS.md §6, ninth and tenth rounds).
         first_moments: what ``first_basis`` does with its Adam moments at the first eigenbasis:
             ``"carry"`` (default) rotates them into it, as every later rebuild does; ``"restart"``
             starts both at zero there (with a new bias-correction count), so the eigenbasis gets the
