@@ -91,6 +91,8 @@ TUNING = (
     "(31.25%), then unchanged ItalyPowerDemand 83.19% vs 80.17% (88.24%), GunPoint 66.89% vs 68.22% (66.22%), "
     "PickupGestureWiimoteZ 38.00% vs 28.67% (36.00%), ArrowHead 42.10% vs 40.76% (41.71%): at or above AdamW-cosine on "
     "five of six sets (the old default on two), never more than 1.3 points under the old default -> the default. "
+    "Then 5 seeds against every baseline (seeds 0-4, JapaneseVowels): 0.77x (0.75-0.80, one seed never), plateau "
+    "92.23% vs soap 91.01%, adamw-cosine 90.07%, adam 89.19%: faster. "
     "Ninth round (BENCHMARKS.md §6, 3 seeds, slower host): Adam in the weights' own basis for the first 10 iterations "
     "(first_basis=10), then the eigenbasis with the moments carried: JapaneseVowels 92.52% vs 89.19% (first_basis=20 "
     "89.82%; adamw-cosine 90.54%), PickupGestureWiimoteZ 36.00% vs 30.67% (adamw-cosine 35.33%), but GunPoint "
