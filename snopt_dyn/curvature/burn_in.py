@@ -29,9 +29,10 @@ order to SOAP's.  Larger ``K`` buys a steadier first basis for ``K-1`` extra sam
 ``0 .. D-1`` gather nothing and the preconditioned layers run Adam in the weights' own basis; the
 schedule above then starts at iteration ``D`` as if it were iteration 0, and the Adam moments are
 carried into the first eigenbasis (:mod:`.basis_change`), or with ``first_moments="restart"`` start
-again from zero there.  Why: where few iterations fit, a basis
-from one batch at the initial weights can do worse than no rotation.  At ``D = 10`` it helped on two
-UCR sets and cost 20 points on a third, so it is off by default (BENCHMARKS.md §6, ninth round).
+again from zero there.  Why: where few iterations fit, a basis from one batch at the initial weights
+can do worse than no rotation.  At ``D = 10`` with the moments carried it helped on two UCR sets and
+cost 20 points on a third; restarted, it transferred to six sets and is the main job's timeseries and
+latent default (BENCHMARKS.md §6, ninth and tenth rounds).  The engine's default stays 0.
 """
 from __future__ import annotations
 

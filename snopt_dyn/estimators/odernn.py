@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from snopt_dyn.models import ODERNN
 from . import preprocessing
-from .cde import PARAMETERS
+from .cde import PARAMETERS, SERIES_SNOPT
 from .heads import SeriesClassifier, SeriesRegressor
 
 __all__ = ["ODERNNClassifier", "ODERNNRegressor"]
@@ -22,8 +22,7 @@ class _ODERNN:
     #: paper's rule lost 5-14 points to AdamW-cosine on data it was not tuned on, BENCHMARKS.md §6,
     #: tenth round); SNOpt preconditions the Linear layers (field and head); the GRU cell is not a
     #: layer kind it preconditions, so it is skipped (no warning) ...
-    _snopt_defaults = {"rule": "adam", "power": 0.5, "update_freq": 20, "first_basis": 10, "first_moments": "restart",
-                       "skip": (nn.GRUCell,)}
+    _snopt_defaults = {**SERIES_SNOPT, "skip": (nn.GRUCell,)}
     #: ... and gets an Adam of its own at the latent task's Adam rate, the main job's ``rest=adam``
     _snopt_rest = "adam"
 
@@ -47,8 +46,8 @@ _MODEL = """
 
     Optimizer (``optimizer="snopt"``), as the main job's ``latent`` task trains this model: SNOpt
     preconditions the Linear layers (field and head) with Adam in its eigenbasis (after 10 steps of
-    Adam in the weights' own basis), which the base SGD applies at ``lr`` (default 1e-2); the GRU cell, which SNOpt does not precondition (its
-    ``unpreconditioned_parameters()``), gets an Adam of its own at the task's Adam rate 1e-2 (the
+    Adam in the weights' own basis), which the base SGD applies at ``lr`` (default 1e-2); the GRU
+    cell, which SNOpt does not precondition (its ``unpreconditioned_parameters()``), gets an Adam of its own at the task's Adam rate 1e-2 (the
     main job's ``rest=adam``; both rates constant here, where the main job also decays them by a
     cosine).  ``snopt_options={"rest_lr": 3e-3}`` changes the Adam's rate, ``{"rest": "sgd"}`` puts
     the GRU cell on the base SGD (the paper's setting).

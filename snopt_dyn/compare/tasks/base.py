@@ -10,6 +10,12 @@ from torch.nn import functional as F
 
 import snopt_dyn
 
+#: SNOpt's settings on the series tasks (timeseries, latent): Adam in the time-sampled eigenbasis,
+#: refreshed every 20 iterations, after 10 iterations of Adam in the weights' own basis with the
+#: moments restarted at the first basis (BENCHMARKS.md §6, tenth round)
+SERIES_SNOPT = dict(rule="adam", power=0.5, update_freq=20, sample_step=1.0, first_basis=10, first_moments="restart")
+
+
 class TaskError(RuntimeError):
     """A task cannot run here (a missing optional dependency, an unusable device)."""
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from snopt_dyn import datasets
 from snopt_dyn.models import ODERNN
-from .base import Task
+from .base import SERIES_SNOPT, Task
 from .timeseries import check_series_source, load_series
 
 class _ODERNNTask(Task):
@@ -96,7 +96,6 @@ def make_task(data: str) -> Task:
         description="ODE-RNN classifier (snopt_dyn.models.ODERNN), 50% of observations dropped",
         batch_size=32, budget=30.0, eval_tol=1e-5,
         lrs={"snopt": 1e-2, "adam": 1e-2, "sgd": 1e-3, "sgd-plain": 0.03, "adamw-cosine": 1e-2, "muon": 0.02, "soap": 3e-3},
-        snopt=dict(damping=0.05, update_freq=20, sample_step=1.0, schedule="cosine", rest="adam", rule="adam",
-                   power=0.5, first_basis=10, first_moments="restart"),
+        snopt=dict(SERIES_SNOPT, damping=0.05, schedule="cosine", rest="adam"),
         loader=functools.partial(_load_series_irregular, data), builder=_build_odernn,
         data=data or "japanese_vowels")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from snopt_dyn import datasets
 from snopt_dyn.models.neural_cde import NeuralCDE, import_torchcde
-from .base import Task, TaskError
+from .base import SERIES_SNOPT, Task, TaskError
 
 
 def _torchcde():
@@ -138,6 +138,5 @@ def make_task(data: str) -> Task:
         description="torchcde Neural CDE (hidden 32, Hermite cubic spline, dopri5 1e-3)",
         batch_size=32, budget=30.0, eval_tol=1e-5, eval_points=12,
         lrs={"snopt": 1e-2, "adam": 3e-3, "sgd": 0.01, "sgd-plain": 0.1, "adamw-cosine": 1e-2, "muon": 0.01, "soap": 3e-3},
-        snopt=dict(rule="adam", power=0.5, update_freq=20, sample_step=1.0, schedule="cosine",
-                   first_basis=10, first_moments="restart"),
+        snopt=dict(SERIES_SNOPT, schedule="cosine"),
         loader=functools.partial(_load_series_cde, data), builder=_build_cde, data=data or "japanese_vowels")
