@@ -99,3 +99,41 @@ def test_an_explicit_target_applies_to_every_seed():
     summary = summarize([_seed(0, 0.2, 0.05), _seed(1, 0.2, 0.05)], target=0.99)
     assert all(s["target"] == 0.99 for s in summary["per_seed"])
     assert summary["verdict"]["ratio"] is None and "no verdict" in summary["verdict"]["text"]
+
+
+class _LabelledTask(_FakeTask):
+    """A classification task whose labels say what always predicting one class scores."""
+
+    def __init__(self, train_y, test_y):
+        self.train_y, self.test_y = torch.tensor(train_y), torch.tensor(test_y)
+
+
+def _with_task(task, seeds=3):
+    results = [_seed(s, 0.2, 0.05) for s in range(seeds)]  # adam's plateau, the target: 0.90
+    for r in results:
+        r.task = task
+    return results
+
+
+def test_a_target_near_the_majority_class_rate_warns_that_the_verdict_compares_noise():
+    # the training set's most frequent class is 1; it is 89 of 100 test labels: the target (0.90) is near it
+    near = _LabelledTask([1, 1, 0], [1] * 89 + [0] * 11)
+    summary = summarize(_with_task(near))
+    verdict = summary["verdict"]
+    assert verdict["majority_rate"] == pytest.approx(0.89) and verdict["near_chance"]
+    assert "89.00%" in verdict["warning"] and "--budget" in verdict["warning"]
+    assert verdict["warning"] in format_table(_with_task(near), summary)
+    # the same test labels, but the training set's majority is class 0 (11 % of the test set): no warning
+    far = _LabelledTask([0, 0, 1], [1] * 89 + [0] * 11)
+    verdict = summarize(_with_task(far))["verdict"]
+    assert verdict["majority_rate"] == pytest.approx(0.11) and not verdict["near_chance"]
+    assert verdict["warning"] is None and "warning" not in format_table(_with_task(far), summarize(_with_task(far)))
+    # a small test set: 3 examples' worth is the margin (0.90 < 0.80 + 3/20)
+    small = _LabelledTask([1, 1, 0], [1] * 16 + [0] * 4)
+    assert summarize(_with_task(small))["verdict"]["near_chance"]
+
+
+def test_no_majority_rate_without_integer_labels():
+    assert summarize(_with_task(_FakeTask()))["verdict"]["majority_rate"] is None  # no labels at all
+    floats = _LabelledTask([0.5, 1.5], [0.5, 1.5])
+    assert summarize(_with_task(floats))["verdict"]["majority_rate"] is None

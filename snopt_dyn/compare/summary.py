@@ -12,7 +12,8 @@ import torch
 
 import snopt_dyn
 from .optimizers import BASELINES
-from .verdict import Curve, SeedVerdict, better, seed_verdict, spread, value_at, verdict_text
+from .verdict import (Curve, SeedVerdict, better, chance_warning, near_chance, seed_verdict, spread, value_at,
+                      verdict_text)
 
 from .results import CompareResult, Run
 from .tasks.base import Task
@@ -134,9 +135,24 @@ def _overall_verdict(per_seed: List[dict], optimizers: List[dict], task: "Task",
                         fmt=lambda v: fmt_metric(v, task))
     faster = bool(ratio and ratio[0] < 1 and snopt_plateau is not None and best_plateau is not None
                   and better(snopt_plateau, best_plateau, higher))
+    majority = majority_rate(task)
+    chance = majority is not None and best_plateau is not None and near_chance(best_plateau, *majority)
     return dict(ratio=ratio, loss_ratio=loss_ratio, snopt_plateau=snopt_plateau,
                 best_baseline=best["optimizer"] if best else None, best_plateau=best_plateau,
-                faster=faster, text=text)
+                faster=faster, text=text, majority_rate=majority[0] if majority else None, near_chance=chance,
+                warning=chance_warning(best_plateau, majority[0]) if chance else None)
+
+
+def majority_rate(task: "Task"):
+    """``(test accuracy of always predicting the training set's most frequent class, test size)`` for a
+    classification task with integer labels, else ``None``."""
+    ytr, yte = getattr(task, "train_y", None), getattr(task, "test_y", None)
+    if task.metric != "accuracy" or not isinstance(ytr, torch.Tensor) or not isinstance(yte, torch.Tensor):
+        return None
+    if ytr.dim() != 1 or yte.dim() != 1 or ytr.dtype.is_floating_point or ytr.numel() == 0 or yte.numel() == 0:
+        return None
+    most = torch.bincount(ytr.long().cpu()).argmax()
+    return float((yte.long().cpu() == most).float().mean()), int(yte.numel())
 
 
 def machine_info(device: torch.device) -> dict:

@@ -57,6 +57,8 @@ def format_table(results: Results, summary: dict) -> str:
                 "and 1/2 of the budget\n")
     verdict = summary["verdict"]
     out.write(f"verdict (test {name}): {verdict['text']}\n")
+    if verdict.get("warning"):
+        out.write(verdict["warning"] + "\n")
     loss = verdict["loss_ratio"]
     if loss is not None:
         med, lo, hi = loss

@@ -138,5 +138,23 @@ def verdict_text(ratio: Optional[Tuple[float, float, float]], snopt_plateau: Opt
             f"({best}, {fmt(best_plateau)}): not faster")
 
 
+#: a target less than this many accuracy points above the majority-class rate (or 3 test examples, on a
+#: small test set) is "near chance": the runs have barely started learning (BENCHMARKS.md §6, OSULeaf)
+CHANCE_MARGIN = 0.03
+
+
+def near_chance(target: float, majority: float, n_test: int) -> bool:
+    """Whether an accuracy ``target`` is so close to always predicting the majority class that a time
+    to reach it measures noise, not speed."""
+    return target < majority + max(CHANCE_MARGIN, 3 / max(n_test, 1))
+
+
+def chance_warning(target: float, majority: float) -> str:
+    """The sentence that tells the user why such a verdict says little, and what to do."""
+    return (f"warning: the best baseline's plateau ({100 * target:.2f}%) is barely above always predicting the "
+            f"training set's most frequent class ({100 * majority:.2f}%): within this budget no optimizer has "
+            f"learned much, so the verdict compares noise; rerun with a larger --budget (e.g. 3x)")
+
+
 def _x(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:.2f}x"
