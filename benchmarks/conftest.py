@@ -3,8 +3,9 @@
 Modes
     quick (default, no environment variable; also ``SNOPT_DYN_QUICK=1``): small models, few
         rounds, tiny budgets -- the whole directory runs in about two minutes on 2 cores and CI runs
-        it inside ``python -m pytest -q -n 2 --dist loadfile`` (under xdist pytest-benchmark's timing is off,
-        the rounds run without it, and no summary or results file is written).  Every benchmark still asserts that what it measured is
+        it inside ``python -m pytest -q -n 2 --dist loadfile`` (under xdist pytest-benchmark's timing is off and
+        the rounds run without it; the workers send their measurements to the controller, which
+        prints the summary and writes the results file).  Every benchmark still asserts that what it measured is
         well formed (finite, positive ratios; the engine's memory stays flat; NFE recorded).
     full (``SNOPT_DYN_BENCH=full``): the sizes and rounds behind the figures in ``BENCHMARKS.md``.
 
@@ -236,6 +237,21 @@ def _one_thread():
 def pytest_sessionstart(session):
     global _load_at_start
     _load_at_start = load_average()
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its measurements to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and _results:
+        workeroutput["snopt_dyn_results"] = json.dumps(_json_clean(_results))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: gather a finished worker's measurements (see :func:`pytest_sessionfinish`)."""
+    sent = getattr(node, "workeroutput", {}).get("snopt_dyn_results")
+    if sent:
+        _results.update(json.loads(sent))
 
 
 def _write_results() -> Optional[str]:

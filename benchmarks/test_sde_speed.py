@@ -31,6 +31,7 @@ from snopt_dyn_bench import finite_positive, interleaved, median, paired_ratio, 
 
 torchsde = pytest.importorskip("torchsde")
 import snopt_dyn  # noqa: E402
+from sde_helpers import engine_used  # noqa: E402  (tests/ is on pytest's pythonpath)
 
 SEED = 7
 CASES = {  # name: (sde_type, method, adjoint_method, through wrap)
@@ -68,18 +69,6 @@ class Model(nn.Module):
         return torchsde.sdeint_adjoint(self.sde, y0, ts, bm=bm, **self.solve_kwargs)
 
 
-def _engine_in_graph(loss: torch.Tensor) -> bool:
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            if type(node).__name__ == "_SDEAdjointSolveBackward":
-                return True
-            stack.extend(n for n, _ in node.next_functions)
-    return False
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_sde_adjoint_speed(benchmark, record, case):
     sde_type, method, adjoint_method, wrapped = CASES[case]
@@ -110,7 +99,7 @@ def test_sde_adjoint_speed(benchmark, record, case):
             loss.backward()
             if not results[name]:  # the first call of each side: what the asserts compare
                 grads = [y0.grad.clone()] + [p.grad.clone() for p in params]
-                results[name].append((loss.detach(), grads, _engine_in_graph(loss)))
+                results[name].append((loss.detach(), grads, engine_used(loss)))
         return step
 
     times = interleaved(benchmark, {k: make_step(k) for k in solves}, measured="engine", rounds=rounds, warmup=1)
