@@ -34,7 +34,7 @@ import functools
 import inspect
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,7 @@ import torchdiffeq
 from .. import hooks, per_sample
 from ..adjoint import odeint_adjoint as _engine_odeint_adjoint
 from ..discovery import all_namespaces
-from ..interception import ROUTE, Route, WrapOptions, reroute, reroute_attributes, restore_originals, route_of
+from ..interception import ROUTE, Route, SolverNames, WrapOptions, route_of
 from ..terminal_time import rescale_to_horizon, terminal_time_leaf
 from .module_tensors import module_tensors
 
@@ -187,34 +187,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
 
 REPLACEMENTS = {"odeint": odeint, "odeint_adjoint": odeint_adjoint}
 PAIRS = [(ORIGINALS[k], REPLACEMENTS[k]) for k in ORIGINALS]
-_installed = [False]
-
-
-def install_globals() -> int:
-    """Rebind torchdiffeq's two names in torchdiffeq itself and in every loaded user module (idempotent;
-    modules imported later bind the stand-ins through ``torchdiffeq``); return how many were rebound."""
-    spaces = [vars(torchdiffeq)] + list(all_namespaces())
-    _installed[0] = True
-    return reroute(PAIRS, spaces)
+_names = SolverNames(torchdiffeq, PAIRS)
+install_globals, install, uninstall = _names.install_globals, _names.install, _names.uninstall
 
 
 def ensure_installed() -> None:
-    """What an unpickled wrapped model calls: install once per process."""
-    if not _installed[0]:
-        install_globals()
-
-
-def install(model: nn.Module) -> List[str]:
-    """Rebind the solver names (process-wide) and the solver attributes of ``model``'s submodules;
-    return the attributes rebound (``"<module>.<attr>"``)."""
-    install_globals()
-    return reroute_attributes(model, PAIRS)
-
-
-def uninstall() -> None:
-    """Put torchdiffeq's own functions back everywhere (wrapped models then run natively)."""
-    restore_originals(PAIRS, [vars(torchdiffeq)] + list(all_namespaces()))
-    _installed[0] = False
+    """What an unpickled wrapped model calls: install once per process (a module function, so that
+    the model pickles it by name)."""
+    _names.ensure_installed()
 
 
 def count_solves_per_forward(owner: nn.Module) -> None:

@@ -38,16 +38,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import torchsde
 
 from .. import hooks
-from ..discovery import all_namespaces
-from ..interception import Route, reroute, reroute_attributes, restore_originals, route_of
+from ..interception import Route, SolverNames, route_of
 from ..sde_adjoint import sdeint_adjoint as _engine_sdeint_adjoint
 from .module_tensors import module_tensors, reaches_unlisted
 
@@ -183,30 +182,11 @@ def _reads_unlisted_tensors(sde, y0, ts, names, logqp, tensors) -> Optional[str]
 
 REPLACEMENTS = {"sdeint": sdeint, "sdeint_adjoint": sdeint_adjoint}
 PAIRS = [(ORIGINALS[k], REPLACEMENTS[k]) for k in ORIGINALS]
-_installed = [False]
-
-
-def install_globals() -> int:
-    """Rebind torchsde's two names in torchsde itself and in every loaded user module (idempotent)."""
-    spaces = [vars(torchsde)] + list(all_namespaces())
-    _installed[0] = True
-    return reroute(PAIRS, spaces)
+_names = SolverNames(torchsde, PAIRS)
+install_globals, install, uninstall = _names.install_globals, _names.install, _names.uninstall
 
 
 def ensure_installed() -> None:
-    """What an unpickled wrapped model calls: install once per process."""
-    if not _installed[0]:
-        install_globals()
-
-
-def install(model: nn.Module) -> List[str]:
-    """Rebind the solver names (process-wide) and the solver attributes of ``model``'s submodules;
-    return the attributes rebound (``"<module>.<attr>"``)."""
-    install_globals()
-    return reroute_attributes(model, PAIRS)
-
-
-def uninstall() -> None:
-    """Put torchsde's own functions back everywhere (wrapped SDE models then run natively)."""
-    restore_originals(PAIRS, [vars(torchsde)] + list(all_namespaces()))
-    _installed[0] = False
+    """What an unpickled wrapped model calls: install once per process (a module function, so that
+    the model pickles it by name)."""
+    _names.ensure_installed()

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
+
+from .discovery import all_namespaces
 
 ROUTE = "_snopt_route"
 
@@ -162,6 +164,40 @@ def restore_originals(pairs: Sequence[Tuple[object, object]], namespaces: Iterab
             for name, value in list(space.items()):
                 if id(value) in back and getattr(value, "__globals__", None) is not space:  # not its own home
                     space[name] = back[id(value)]
+
+
+class SolverNames:
+    """One library's solver names and our stand-ins for them (``pairs`` of ``(original, replacement)``):
+    rebinds them in the library module, in every loaded user module and on a model's submodules, and
+    puts them back.  An adapter keeps one and exposes its methods as its module functions."""
+
+    def __init__(self, library: object, pairs: Sequence[Tuple[object, object]]):
+        self.library, self.pairs, self.installed = library, list(pairs), False
+
+    def _namespaces(self) -> List[dict]:
+        return [vars(self.library)] + list(all_namespaces())
+
+    def install_globals(self) -> int:
+        """Rebind the names in the library itself and in every loaded user module (idempotent; modules
+        imported later bind the stand-ins through the library); return how many were rebound."""
+        self.installed = True
+        return reroute(self.pairs, self._namespaces())
+
+    def ensure_installed(self) -> None:
+        """What an unpickled wrapped model calls: install once per process."""
+        if not self.installed:
+            self.install_globals()
+
+    def install(self, model: nn.Module) -> List[str]:
+        """Rebind the names (process-wide) and the solver attributes of ``model``'s submodules; return
+        the attributes rebound (``"<module>.<attr>"``)."""
+        self.install_globals()
+        return reroute_attributes(model, self.pairs)
+
+    def uninstall(self) -> None:
+        """Put the library's own functions back everywhere (wrapped models then run natively)."""
+        restore_originals(self.pairs, self._namespaces())
+        self.installed = False
 
 
 def patched_names() -> int:
