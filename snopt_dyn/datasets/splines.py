@@ -13,15 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..optional import require
+
 __all__ = ["hermite_coefficients"]
 
 
 def _torchcde():
-    try:
-        import torchcde
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("Neural CDE control paths need torchcde: pip install 'snopt-dyn[torchcde]'") from exc
-    return torchcde
+    return require("torchcde", "a Neural CDE control path", "torchcde")
 
 
 def hermite_coefficients(x: Tensor, lengths: Tensor) -> Tensor:

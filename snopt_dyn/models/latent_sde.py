@@ -36,6 +36,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..optional import require
+
 __all__ = ["LatentSDE", "import_torchsde"]
 
 torchsde = None
@@ -45,11 +47,7 @@ def import_torchsde():
     """torchsde, imported once; a clear error when the optional dependency is missing."""
     global torchsde
     if torchsde is None:
-        try:
-            import torchsde as module
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("the latent SDE needs torchsde: pip install 'snopt-dyn[torchsde]'") from exc
-        torchsde = module
+        torchsde = require("torchsde", "the latent SDE", "torchsde")
     return torchsde
 
 

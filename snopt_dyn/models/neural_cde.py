@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..optional import require
+
 torchcde = None
 
 
@@ -16,11 +18,7 @@ def import_torchcde():
     """torchcde, imported once; a clear error when the optional dependency is missing."""
     global torchcde
     if torchcde is None:
-        try:
-            import torchcde as module
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("the Neural CDE needs torchcde: pip install 'snopt-dyn[torchcde]'") from exc
-        torchcde = module
+        torchcde = require("torchcde", "the Neural CDE", "torchcde")
     return torchcde
 
 
