@@ -122,6 +122,7 @@ def test_a_target_near_the_majority_class_rate_warns_that_the_verdict_compares_n
     verdict = summary["verdict"]
     assert verdict["majority_rate"] == pytest.approx(0.89) and verdict["near_chance"]
     assert "89.00%" in verdict["warning"] and "--budget" in verdict["warning"]
+    assert "barely above" in verdict["warning"]
     assert verdict["warning"] in format_table(_with_task(near), summary)
     # the same test labels, but the training set's majority is class 0 (11 % of the test set): no warning
     far = _LabelledTask([0, 0, 1], [1] * 89 + [0] * 11)
@@ -131,6 +132,9 @@ def test_a_target_near_the_majority_class_rate_warns_that_the_verdict_compares_n
     # a small test set: 3 examples' worth is the margin (0.90 < 0.80 + 3/20)
     small = _LabelledTask([1, 1, 0], [1] * 16 + [0] * 4)
     assert summarize(_with_task(small))["verdict"]["near_chance"]
+    # a target under the majority rate (ArrowHead, BENCHMARKS.md §6) is said to be "not above" it
+    under = _LabelledTask([1, 1, 0], [1] * 95 + [0] * 5)
+    assert "is not above always predicting" in summarize(_with_task(under))["verdict"]["warning"]
 
 
 def test_no_majority_rate_without_integer_labels():

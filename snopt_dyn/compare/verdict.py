@@ -151,7 +151,8 @@ def near_chance(target: float, majority: float, n_test: int) -> bool:
 
 def chance_warning(target: float, majority: float) -> str:
     """The sentence that tells the user why such a verdict says little, and what to do."""
-    return (f"warning: the best baseline's plateau ({100 * target:.2f}%) is barely above always predicting the "
+    where = "barely above" if target > majority else "not above"
+    return (f"warning: the best baseline's plateau ({100 * target:.2f}%) is {where} always predicting the "
             f"training set's most frequent class ({100 * majority:.2f}%): within this budget the baselines have "
             f"learned little, so the time to reach their plateau measures noise; rerun with a larger --budget (e.g. 3x)")
 
