@@ -281,7 +281,7 @@ def _write_results() -> Optional[str]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _results:
+    if not _results or hasattr(config, "workerinput"):  # an xdist worker: the controller prints and writes
         return
     path = _write_results()
     tr = terminalreporter

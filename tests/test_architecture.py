@@ -162,16 +162,3 @@ def test_no_reference_to_a_design_document_outside_the_repository():
              and "site-packages" not in p.parts and p.name != "test_architecture.py"]
     assert not [str(p.relative_to(ROOT)) for p in files if "DESIGN.md" in p.read_text(errors="ignore")]
 
-
-def test_a_missing_optional_dependency_is_refused_with_its_extra(monkeypatch):
-    """Without torchcde, building a control path names what needs it and the pip extra that installs it."""
-    import sys
-
-    import pytest
-    import torch
-
-    from snopt_dyn import datasets
-
-    monkeypatch.setitem(sys.modules, "torchcde", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"control path needs torchcde: pip install 'snopt-dyn\[torchcde\]'"):
-        datasets.hermite_coefficients(torch.zeros(2, 3, 1), torch.tensor([3, 3]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +339,10 @@ def test_main_job_and_estimators_share_one_spline_helper():
     ours = preprocessing.cde_coefficients(train, scaling)
     assert torch.allclose(ours, ctr[:, :ours.shape[1]], atol=1e-6)
     assert (ctr[:, ours.shape[1]:, -3 * ctr.shape[-1] // 4:] == 0).all()  # held constant after the end
+
+
+def test_a_missing_torchcde_is_refused_naming_the_extra(monkeypatch):
+    """Without torchcde, building a control path names what needs it and the pip extra that installs it."""
+    monkeypatch.setitem(sys.modules, "torchcde", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"control path needs torchcde: pip install 'snopt-dyn\[torchcde\]'"):
+        ds.hermite_coefficients(torch.zeros(2, 3, 1), torch.tensor([3, 3]))
